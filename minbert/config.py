@@ -1,0 +1,51 @@
+"""Model configuration: Hugging Face `BertConfig` field names and bert-base defaults."""
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class BertConfig:
+    """BERT hyper-parameters; `from_json_file` reads a checkpoint's config.json, ignoring unknown keys."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    attn_implementation: str = "sdpa"  # "sdpa" (fast path) or "eager" (explicit reference path)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"position_embedding_type {d['position_embedding_type']!r} is not supported "
+                             "(only 'absolute', as in bert-base)")
+        if d.get("attn_implementation") not in (None, "sdpa", "eager"):  # HF writes e.g. "flash_attention_2"
+            warnings.warn(f"attn_implementation {d['attn_implementation']!r} replaced by 'sdpa'")
+            d = {**d, "attn_implementation": "sdpa"}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+    @classmethod
+    def from_json_file(cls, path) -> "BertConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

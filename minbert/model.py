@@ -1,0 +1,114 @@
+"""BertModel (embeddings, encoder, pooler) and the masked-LM head, with Hugging Face parameter paths."""
+import torch
+from torch import nn
+
+from .config import BertConfig
+from .embeddings import BertEmbeddings
+from .layers import ACTIVATIONS, BertEncoder
+from .loading import load_pretrained
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the attention scores will have: the autocast dtype when autocast is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) 1 = keep / 0 = pad -> (B, 1, 1, T) bias: 0 or finfo(dtype).min, finite even for all-pad rows."""
+    keep = attention_mask[:, None, None, :].bool()
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """BERT initialisation: N(0, std) weights, zero biases, unit LayerNorm, zero padding embedding."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class BertPooler(nn.Module):
+    """tanh(W h_[CLS] + b) (Devlin et al. 2019, §3)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h[:, 0]))  # (B, H)
+
+
+class BertModel(nn.Module):
+    """The BERT encoder; `forward` returns {'last_hidden_state': (B, T, H), 'pooler_output': (B, H)}."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config)
+        self.apply(lambda m: init_weights(m, config.initializer_range))
+
+    def encode(self, embedding_output: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """Run encoder and pooler on embedding-layer output (B, T, H); SMART perturbs that input."""
+        mask = None if attention_mask is None else additive_mask(attention_mask, compute_dtype(embedding_output))
+        h = self.encoder(embedding_output, mask)
+        return {"last_hidden_state": h, "pooler_output": self.pooler(h)}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> dict:
+        return self.encode(self.embeddings(input_ids, token_type_ids), attention_mask)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **config_overrides) -> "BertModel":
+        """Load a directory, a cached Hugging Face name or 'minilm'; overrides set config fields (e.g. dropout)."""
+        return load_pretrained(cls, name_or_path, **config_overrides)
+
+
+class BertLMPredictionHead(nn.Module):
+    """transform (dense, act, LayerNorm) then a decoder tied to the word embeddings, plus a vocabulary bias."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """h (B, T, H), the tied decoder weight (V, H) -> logits (B, T, V)."""
+        h = self.transform.LayerNorm(self.act(self.transform.dense(h)))
+        return nn.functional.linear(h, word_embeddings, self.bias)
+
+
+class BertForMaskedLM(nn.Module):
+    """BERT plus the masked-LM head; parameter paths `bert.*` and `cls.predictions.*` as in Hugging Face."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = nn.Module()
+        self.cls.predictions = BertLMPredictionHead(config)
+        self.cls.apply(lambda m: init_weights(m, config.initializer_range))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token logits (B, T, V)."""
+        h = self.bert(input_ids, attention_mask, token_type_ids)["last_hidden_state"]
+        return self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **config_overrides) -> "BertForMaskedLM":
+        """As BertModel.from_pretrained; `cls.predictions.*` is loaded when the checkpoint has it."""
+        return load_pretrained(cls, name_or_path, **config_overrides)
