@@ -1,0 +1,218 @@
+"""Tests for data/: readers on the real files and on broken tmp files, collate, bucketing, stream resume."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from data import (QUORA, SST, STS, DataError, TaskStream, batch_indices, collate, encode_dataset, eval_batches,
+                  load_split, read_task)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
+
+# file -> (rows in README table, rows skipped by default)
+README_ROWS = {
+    "ids-sst-train.csv": (8544, 0), "ids-sst-dev.csv": (1101, 0), "ids-sst-test-student.csv": (2210, 0),
+    "ids-cfimdb-train.csv": (1707, 0), "ids-cfimdb-dev.csv": (245, 0), "ids-cfimdb-test-student.csv": (488, 0),
+    "quora-train.csv": (22646, 2), "quora-dev.csv": (20214, 2),
+    "sts-train.csv": (6040, 0), "sts-dev.csv": (863, 0), "sts-test-student.csv": (1725, 0),
+}
+
+
+class FakeTok:
+    """Whitespace tokenizer with the minbert tokenizer API: [CLS]=1, [SEP]=2, pad=0."""
+
+    pad_token_id = 0
+
+    def __init__(self):
+        self.vocab = {}
+
+    def _ids(self, text):
+        return [self.vocab.setdefault(w, len(self.vocab) + 3) for w in text.split()]
+
+    def encode(self, texts, pair_texts=None, max_length=512):
+        all_ids, all_types = [], []
+        for k, text in enumerate(texts):
+            ids = [1, *self._ids(text), 2]
+            types = [0] * len(ids)
+            if pair_texts is not None:
+                second = [*self._ids(pair_texts[k]), 2]
+                ids, types = ids + second, types + [1] * len(second)
+            all_ids.append(ids[:max_length])
+            all_types.append(types[:max_length])
+        return all_ids, all_types
+
+    def pad(self, input_ids, token_type_ids):
+        width = max(map(len, input_ids))
+
+        def fill(rows):
+            return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+        return {"input_ids": fill(input_ids), "attention_mask": fill([[1] * len(r) for r in input_ids]),
+                "token_type_ids": fill(token_type_ids)}
+
+
+def write(tmp_path, text, name="f.csv", raw=None):
+    path = tmp_path / name
+    path.write_bytes(raw if raw is not None else text.encode())
+    return path
+
+
+# ---------------------------------------------------------------- real files
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(README_ROWS))
+def test_real_row_counts(name):
+    rows, skipped = README_ROWS[name]
+    task = name.split("-")[1] if name.startswith("ids-") else name.split("-")[0]
+    data = read_task(DATA / name, task, labeled="test-student" not in name)
+    assert len(data) + len(data.skipped) == rows
+    assert len(data.skipped) == skipped
+    assert all(t == t.strip() and t for t in data.texts + (data.pairs or []))
+    assert (data.pairs is not None) == (task in ("quora", "sts"))
+    if data.labels is not None:
+        assert len(data.labels) == len(data)
+
+
+@needs_data
+def test_real_quora_dev_broken_rows():
+    data = load_split(DATA, "quora", "dev")
+    assert len(data) == 20212 and set(data.labels) == {0, 1}
+    assert [m.split(":")[0] for m in data.skipped] == ["quora-dev.csv line 2577", "quora-dev.csv line 14222"]
+    with pytest.raises(DataError, match=r"^quora-dev\.csv line 2577: empty label in column 'is_duplicate'"):
+        load_split(DATA, "quora", "dev", strict=True)
+
+
+@needs_data
+def test_real_labels_and_stripping():
+    sst, sts = load_split(DATA, "sst", "train"), load_split(DATA, "sts", "dev")
+    assert set(sst.labels) == set(range(5)) and not sst.texts[0].startswith(" ")
+    assert all(isinstance(v, float) and 0 <= v <= 5 for v in sts.labels)
+    test = load_split(DATA, "sst", "test")
+    assert test.labels is None and test.ids[0] == "b7573736a6ddf7be102b7fee0"
+
+
+# ---------------------------------------------------------------- errors on written files
+
+SST_HEAD = "\tid\tsentence\tsentiment\n"
+STS_HEAD = "\tid\tsentence1\tsentence2\tsimilarity\n"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="file not found") as err:
+        read_task(tmp_path / "nope.csv", SST)
+    assert str(tmp_path / "nope.csv") in str(err.value) and "--data_dir" in str(err.value)
+
+
+def test_missing_column(tmp_path):
+    path = write(tmp_path, "\tid\ttext\tsentiment\n0\ta\thello\t1\n")
+    with pytest.raises(DataError, match=r"f\.csv line 1: missing column\(s\) 'sentence' \(found '', 'id', 'text'"):
+        read_task(path, SST)
+
+
+@pytest.mark.parametrize("spec,text,problem", [
+    (SST, SST_HEAD + "0\ta\tgood\t3\n1\tb\tbad\tx\n", "line 3: unparsable label 'x' in column 'sentiment'"),
+    (SST, SST_HEAD + "0\ta\tgood\t7\n", "line 2: label '7' out of range in column 'sentiment'"),
+    (SST, SST_HEAD + "0\ta\tgood\t2.5\n", "line 2: label '2.5' out of range"),
+    (STS, STS_HEAD + "0\ta\tx\ty\t5.5\n", "line 2: label '5.5' out of range in column 'similarity'"),
+    (QUORA, "\tid\tsentence1\tsentence2\tis_duplicate\n0\ta\tx\ty\t2.0\n", "line 2: label '2.0' out of range"),
+    (SST, SST_HEAD + "0\ta\tok\t1\n1\tb\t   \t1\n", "line 3: empty sentence in column 'sentence'"),
+    (STS, STS_HEAD + "0\ta\tx\t\t1.0\n", "line 2: empty sentence in column 'sentence2'"),
+])
+def test_bad_rows_skipped_or_strict(tmp_path, spec, text, problem):
+    path = write(tmp_path, text)
+    data = read_task(path, spec)
+    assert len(data.skipped) == 1 and f"f.csv {problem}" in data.skipped[0]
+    assert len(data) == text.count("\n") - 2
+    with pytest.raises(DataError, match="f.csv " + problem.replace("(", r"\(").replace(".", r"\.")):
+        read_task(path, spec, strict=True)
+
+
+def test_non_utf8_reports_line(tmp_path):
+    raw = (SST_HEAD + "0\ta\tgood\t1\n1\tb\tna\xefve\t1\n").encode("latin-1")
+    with pytest.raises(DataError, match=r"^f\.csv line 3: byte 0xef .*not valid UTF-8"):
+        read_task(write(tmp_path, "", raw=raw), SST)
+
+
+def test_stray_quotes_kept_and_unlabeled(tmp_path):
+    text = "0\t\tid\tsentence\n1\t0.0\ta\t ``it 's \"great\n2\t1.0\tb\t'' odd\n"
+    data = read_task(write(tmp_path, text), SST, labeled=False)
+    assert data.texts == ["``it 's \"great", "'' odd"] and data.ids == ["a", "b"] and data.labels is None
+
+
+# ---------------------------------------------------------------- batching
+
+def toy(tmp_path):
+    text = STS_HEAD + "0\ta\tone two three\tfour\t1.5\n1\tb\tfive\tsix seven eight nine\t4.0\n"
+    return read_task(write(tmp_path, text), STS)
+
+
+def test_collate_cross(tmp_path):
+    enc = encode_dataset(toy(tmp_path), FakeTok(), pair_encoding="cross")
+    batch = collate(enc, [1, 0])
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "ids"}
+    assert batch["input_ids"].shape == (2, 8) and batch["input_ids"].dtype == torch.long
+    assert batch["attention_mask"].sum(1).tolist() == [8, 7] and batch["input_ids"][1, -1] == 0
+    assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert batch["labels"].dtype == torch.float and batch["labels"].tolist() == [4.0, 1.5]
+    assert batch["ids"] == ["b", "a"]
+    assert collate(enc, [0])["input_ids"].shape == (1, 7)  # padded to the batch, not the dataset
+
+
+def test_collate_bi_and_classification(tmp_path):
+    enc = encode_dataset(toy(tmp_path), FakeTok(), pair_encoding="bi")
+    batch = collate(enc, [0, 1])
+    assert set(batch) == {f"{k}_{s}" for k in ("input_ids", "attention_mask", "token_type_ids") for s in (1, 2)} | {
+        "labels", "ids"}
+    assert batch["input_ids_1"].shape == (2, 5) and batch["input_ids_2"].shape == (2, 6)
+    assert batch["token_type_ids_2"].sum() == 0
+    sst = read_task(write(tmp_path, SST_HEAD + "0\ta\tgood\t4\n", "s.csv"), SST)
+    assert collate(encode_dataset(sst, FakeTok(), pair_encoding="bi"), [0])["labels"].dtype == torch.long
+    with pytest.raises(ValueError):
+        encode_dataset(sst, FakeTok(), pair_encoding="siamese")
+
+
+def padding(lengths, batches):
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+
+@needs_data
+def test_bucketing_reduces_padding_on_real_sst():
+    enc = encode_dataset(load_split(DATA, "sst", "train"), FakeTok())
+    plain = batch_indices(enc.lengths, 32, torch.Generator().manual_seed(0))
+    sortish = batch_indices(enc.lengths, 32, torch.Generator().manual_seed(0), bucket=True)
+    for batches in (plain, sortish):
+        assert sorted(i for b in batches for i in b) == list(range(len(enc)))
+    assert padding(enc.lengths, sortish) < 0.3 * padding(enc.lengths, plain)
+    first_lengths = [enc.lengths[b[0]] for b in sortish[:20]]
+    assert first_lengths != sorted(first_lengths)  # batch order stays random
+
+
+def test_unshuffled_order_and_eval_batches(tmp_path):
+    lengths = [3, 9, 1, 9, 5]
+    assert batch_indices(lengths, 2, shuffle=False) == [[0, 1], [2, 3], [4]]
+    assert batch_indices(lengths, 2, shuffle=False, bucket=True) == [[1, 3], [4, 0], [2]]
+    enc = encode_dataset(toy(tmp_path), FakeTok())
+    batches = list(eval_batches(enc, 1))
+    assert [b["ids"] for b in batches] == [["b"], ["a"]]
+
+
+def test_task_stream_resume_and_determinism(tmp_path):
+    rows = "".join(f"{i}\tid{i}\t{'w ' * (i % 7 + 1)}\t{i % 5}\n" for i in range(23))
+    enc = encode_dataset(read_task(write(tmp_path, SST_HEAD + rows), SST), FakeTok())
+    stream = TaskStream(enc, batch_size=4, seed=3, bucket=True)
+    assert stream.batches_per_pass == 6
+    first_pass = [stream.next()["ids"] for _ in range(6)]
+    assert sorted(i for b in first_pass for i in b) == sorted(enc.ids)
+    for _ in range(2):  # into pass 1
+        next(stream)
+    state = stream.state_dict()
+    assert state == {"pass": 1, "position": 2}
+    expected = [next(stream) for _ in range(9)]  # crosses into pass 2
+    resumed = TaskStream(enc, batch_size=4, seed=3, bucket=True)
+    resumed.load_state_dict(state)
+    for a, b in zip(expected, (next(resumed) for _ in range(9))):
+        assert a["ids"] == b["ids"] and torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["labels"], b["labels"])
+    fresh = TaskStream(enc, batch_size=4, seed=3, bucket=True)
+    assert [fresh.next()["ids"] for _ in range(6)] == first_pass
+    assert TaskStream(enc, 4, seed=4, bucket=True).next()["ids"] != first_pass[0]
