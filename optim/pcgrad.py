@@ -1,0 +1,75 @@
+"""PCGrad: projecting conflicting gradients (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning", Alg. 1)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _projection_weights(gram: list[list[float]], shuffle: bool, generator: torch.Generator | None) -> list[float]:
+    """Weights w with sum_i PC(g_i) = sum_j w_j g_j, computed from the Gram matrix gram[i][j] = g_i·g_j alone.
+
+    Each projected g_i' = sum_m c[m] g_m, so g_i'·g_j = sum_m c[m] gram[m][j] and no D-dim vector is touched here.
+    """
+    k = len(gram)
+    weights = [0.0] * k
+    for i in range(k):
+        others = [j for j in range(k) if j != i]
+        if shuffle:
+            others = [others[r] for r in torch.randperm(len(others), generator=generator).tolist()]
+        coef = [0.0] * k
+        coef[i] = 1.0  # g_i' = g_i
+        for j in others:
+            dot = sum(coef[m] * gram[m][j] for m in range(k))  # g_i' · g_j
+            if dot < 0.0:  # conflict: g_i' <- g_i' - (g_i'·g_j) / ||g_j||² g_j   (Yu et al. 2020, Alg. 1)
+                coef[j] -= dot / gram[j][j]
+        weights = [w + c for w, c in zip(weights, coef)]
+    return weights
+
+
+def pcgrad(
+    task_grads: Sequence[Sequence[Tensor | None]],
+    shuffle: bool = True,
+    generator: torch.Generator | None = None,
+    reduction: str = "sum",
+) -> list[Tensor | None]:
+    """Combine per-task gradients with PCGrad and return one gradient per parameter (None if no task had one).
+
+    ``task_grads[i][p]`` is task i's gradient of parameter p (None = zero). Dot products are global over all
+    parameters and computed in float32; outputs keep each parameter's input dtype.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    k = len(task_grads)
+    if k == 0:
+        raise ValueError("need at least one task")
+    num_params = len(task_grads[0])
+    if any(len(grads) != num_params for grads in task_grads):
+        raise ValueError("every task must give one entry per parameter")
+
+    # A reference gradient per parameter fixes its shape, dtype and device; None where no task has one.
+    refs = [next((g[p] for g in task_grads if g[p] is not None), None) for p in range(num_params)]
+    present = [p for p in range(num_params) if refs[p] is not None]
+    if not present:
+        return [None] * num_params
+    device = refs[present[0]].device
+    sizes = [refs[p].numel() for p in present]
+
+    flat = torch.stack([  # (k, D), D = total number of gradient entries
+        torch.cat([
+            (g[p] if g[p] is not None else torch.zeros_like(refs[p])).reshape(-1).to(device, torch.float32)
+            for p in present
+        ])
+        for g in task_grads
+    ])
+    gram = (flat @ flat.T).double().tolist()  # (k, k) g_i·g_j, computed once
+    weights = torch.tensor(_projection_weights(gram, shuffle, generator), dtype=torch.float32, device=device)  # (k,)
+    if reduction == "mean":
+        weights = weights / k
+    combined = weights @ flat  # (D,)
+
+    out: list[Tensor | None] = [None] * num_params
+    for p, chunk in zip(present, combined.split(sizes)):
+        out[p] = chunk.view_as(refs[p]).to(refs[p].dtype)
+    return out
