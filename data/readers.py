@@ -46,7 +46,7 @@ class TaskSpec:
 
 SST = TaskSpec("sst", "ids-sst-{split}.csv", ("sentence",), "sentiment", 5)
 CFIMDB = TaskSpec("cfimdb", "ids-cfimdb-{split}.csv", ("sentence",), "sentiment", 2)
-QUORA = TaskSpec("quora", "quora-{split}.csv", ("sentence1", "sentence2"), "is_duplicate", 2)
+QUORA = TaskSpec("para", "quora-{split}.csv", ("sentence1", "sentence2"), "is_duplicate", 2)
 STS = TaskSpec("sts", "sts-{split}.csv", ("sentence1", "sentence2"), "similarity", None)
 SPECS = {spec.task: spec for spec in (SST, CFIMDB, QUORA, STS)}
 
@@ -121,8 +121,12 @@ def read_task(path: str | Path, spec: TaskSpec | str, labeled: bool = True, stri
     return data
 
 
-def load_split(data_dir: str | Path, task: str, split: str, strict: bool = False) -> TaskDataset:
-    """Read `split` ("train", "dev" or "test") of `task` from data_dir; "test" is the unlabeled test-student file."""
-    spec = SPECS[task]
-    name = spec.file_pattern.format(split="test-student" if split == "test" else split)
-    return read_task(Path(data_dir) / name, spec, labeled=split != "test", strict=strict)
+def split_path(data_dir: str | Path, task: str, split: str) -> Path:
+    """The standard CS224N file of `split` ("train", "dev" or "test" = the unlabeled test-student file)."""
+    return Path(data_dir) / SPECS[task].file_pattern.format(split="test-student" if split == "test" else split)
+
+
+def load_split(data_dir: str | Path, task: str, split: str, strict: bool = False,
+               path: str | Path | None = None) -> TaskDataset:
+    """Read `split` of `task` from `path`, or from its standard name in data_dir; test files are unlabeled."""
+    return read_task(path or split_path(data_dir, task, split), SPECS[task], labeled=split != "test", strict=strict)

@@ -7,6 +7,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
+from .checkpoint import atomic_write, save_json
 from .loading import CheckpointError, resolve_model_dir
 
 
@@ -101,3 +102,10 @@ class Tokenizer:
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return [self.backend.id_to_token(i) for i in ids]
+
+    def save(self, directory) -> None:
+        """tokenizer.json (normaliser, vocabulary, templates) and the special-token names, atomically."""
+        directory = Path(directory)
+        atomic_write(directory / "tokenizer.json", lambda tmp: self.backend.save(str(tmp)))
+        save_json({"pad_token": self.backend.id_to_token(self.pad_token_id),
+                   "mask_token": self.backend.id_to_token(self.mask_token_id)}, directory / "tokenizer_config.json")

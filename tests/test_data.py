@@ -63,23 +63,23 @@ def write(tmp_path, text, name="f.csv", raw=None):
 @pytest.mark.parametrize("name", sorted(README_ROWS))
 def test_real_row_counts(name):
     rows, skipped = README_ROWS[name]
-    task = name.split("-")[1] if name.startswith("ids-") else name.split("-")[0]
+    task = name.split("-")[1] if name.startswith("ids-") else name.split("-")[0].replace("quora", "para")
     data = read_task(DATA / name, task, labeled="test-student" not in name)
     assert len(data) + len(data.skipped) == rows
     assert len(data.skipped) == skipped
     assert all(t == t.strip() and t for t in data.texts + (data.pairs or []))
-    assert (data.pairs is not None) == (task in ("quora", "sts"))
+    assert (data.pairs is not None) == (task in ("para", "sts"))
     if data.labels is not None:
         assert len(data.labels) == len(data)
 
 
 @needs_data
 def test_real_quora_dev_broken_rows():
-    data = load_split(DATA, "quora", "dev")
+    data = load_split(DATA, "para", "dev")
     assert len(data) == 20212 and set(data.labels) == {0, 1}
     assert [m.split(":")[0] for m in data.skipped] == ["quora-dev.csv line 2577", "quora-dev.csv line 14222"]
     with pytest.raises(DataError, match=r"^quora-dev\.csv line 2577: empty label in column 'is_duplicate'"):
-        load_split(DATA, "quora", "dev", strict=True)
+        load_split(DATA, "para", "dev", strict=True)
 
 
 @needs_data

@@ -1,0 +1,188 @@
+"""Score a multi-task checkpoint on the dev sets and write CS224N prediction files.
+
+    python evaluate.py runs/minilm/best --data_dir ../shared/data [--plots]
+"""
+import argparse
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import DataError, EncodedTask, encode_dataset, eval_batches, load_split, split_path
+from heads import TASKS, MultitaskBert
+from minbert import CheckpointError
+
+# task -> (prediction file stem, header column), as the CS224N starter code writes them
+OUTPUTS = {"sst": ("sst", "Predicted_Sentiment"), "cfimdb": ("cfimdb", "Predicted_Sentiment"),
+           "para": ("para", "Predicted_Is_Paraphrase"), "sts": ("sts", "Predicted_Similiary")}
+METRIC = {"sentiment": "acc", "paraphrase": "acc", "similarity": "pearson"}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA on a machine without it is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when `amp`; full precision otherwise."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+
+
+@torch.inference_mode()
+def predict(model: MultitaskBert, encoded: EncodedTask, batch_size: int, device: torch.device,
+            amp: bool = False, progress: bool = True) -> dict[str, object]:
+    """Predictions by id for every row, in large length-sorted batches."""
+    model.eval()
+    out = {}
+    batches = eval_batches(encoded, batch_size)
+    for batch in tqdm(batches, total=-(-len(encoded) // batch_size), desc=f"predict {encoded.task}",
+                      disable=not progress, leave=False):
+        with autocast(device, amp):
+            y = model(encoded.task, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})
+        out.update(zip(batch["ids"], model.predictions(encoded.task, y)))
+    return {i: out[i] for i in encoded.ids}
+
+
+def score(encoded: EncodedTask, predictions: dict) -> float:
+    """Accuracy for classification tasks, Pearson's r for similarity."""
+    pred = np.array([predictions[i] for i in encoded.ids], dtype=float)
+    gold = np.array(encoded.labels, dtype=float)
+    if encoded.is_regression:
+        return float(np.corrcoef(pred, gold)[0, 1])
+    return float((pred == gold).mean())
+
+
+def overall(metrics: dict) -> float:
+    """Mean of task scores mapped to [0, 1]: accuracies as they are, Pearson r as (r + 1) / 2 (CS224N)."""
+    parts = [(v + 1) / 2 if k.endswith("_pearson") else v for k, v in metrics.items()]
+    return sum(parts) / len(parts)
+
+
+def evaluate_model(model: MultitaskBert, dev: dict[str, EncodedTask], batch_size: int, device: torch.device,
+                   amp: bool = False, progress: bool = True) -> tuple[dict, dict]:
+    """Dev metrics ({task}_{acc|pearson} and overall) and predictions by task."""
+    predictions = {task: predict(model, enc, batch_size, device, amp, progress) for task, enc in dev.items()}
+    metrics = {f"{task}_{METRIC[TASKS[task][0]]}": score(enc, predictions[task]) for task, enc in dev.items()}
+    metrics["overall"] = overall(metrics)
+    return metrics, predictions
+
+
+def write_predictions(path: Path, task: str, predictions: dict) -> None:
+    """CS224N format: header `id \\t Predicted_X`, rows `id , label`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"id \t {OUTPUTS[task][1]} \n")
+        for i, p in predictions.items():
+            f.write(f"{i} , {p} \n")
+
+
+def plot(dev: dict[str, EncodedTask], predictions: dict, directory: Path) -> list[Path]:
+    """Confusion matrices for the classification tasks and a residual plot for similarity, as PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit('error: --plots needs matplotlib: pip install -e ".[plots]"') from None
+    written = []
+    for task, enc in dev.items():
+        pred = np.array([predictions[task][i] for i in enc.ids], dtype=float)
+        gold = np.array(enc.labels, dtype=float)
+        fig, ax = plt.subplots(figsize=(5, 4))
+        if enc.is_regression:
+            ax.scatter(gold, pred - gold, s=4, alpha=0.5)
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set(xlabel="gold similarity", ylabel="predicted - gold", title=f"{task} dev residuals")
+        else:
+            n = TASKS[task][1] if TASKS[task][0] == "sentiment" else 2
+            cm = np.zeros((n, n), dtype=int)
+            np.add.at(cm, (gold.astype(int), pred.astype(int)), 1)
+            ax.imshow(cm, cmap="Blues")
+            for (r, c), v in np.ndenumerate(cm):
+                ax.text(c, r, str(v), ha="center", va="center", fontsize=8)
+            ax.set(xlabel="predicted", ylabel="gold", title=f"{task} dev confusion matrix",
+                   xticks=range(n), yticks=range(n))
+        path = directory / f"{OUTPUTS[task][0]}-dev-{'residuals' if enc.is_regression else 'confusion'}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """Markdown table: one row per model, one column per metric."""
+    columns = list(next(iter(rows.values())))
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in columns) + " |" for name, m in rows.items()]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint directory written by train.py (e.g. runs/NAME/best)")
+    p.add_argument("--data_dir", default="data", help="folder holding the CS224N csv files (default: data)")
+    p.add_argument("--output_dir", default="predictions", help="where the *-output.csv files go")
+    for task in OUTPUTS:
+        for split in ("dev", "test"):
+            p.add_argument(f"--{task}_{split}", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--plots", action="store_true", help="write confusion matrices and an STS residual plot (PNG)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    try:
+        model = MultitaskBert.from_checkpoint(args.checkpoint, device)
+        out_dir = Path(args.output_dir)
+        dev, test = {}, {}
+        for task in model.config.tasks:
+            dev[task] = encode_dataset(read_split(args, task, "dev"), model.tokenizer, args.max_length,
+                                       model.config.pair_encoding)
+            test_path = Path(getattr(args, f"{task}_test") or split_path(args.data_dir, task, "test"))
+            if test_path.is_file():
+                test[task] = encode_dataset(read_split(args, task, "test"), model.tokenizer, args.max_length,
+                                            model.config.pair_encoding)
+            else:
+                print(f"no test file for {task} ({test_path}): skipping its test predictions")
+    except (DataError, CheckpointError) as err:
+        raise SystemExit(f"error: {err}") from None
+    metrics, predictions = evaluate_model(model, dev, args.batch_size, device, args.amp)
+    for task, preds in predictions.items():
+        write_predictions(out_dir / f"{OUTPUTS[task][0]}-dev-output.csv", task, preds)
+    for task, enc in test.items():
+        write_predictions(out_dir / f"{OUTPUTS[task][0]}-test-output.csv", task,
+                          predict(model, enc, args.batch_size, device, args.amp))
+    if args.plots:
+        for path in plot(dev, predictions, out_dir):
+            print(f"wrote {path}")
+    print(f"predictions in {out_dir}/")
+    print(format_table({args.checkpoint: metrics}))
+    print(json.dumps(metrics))
+    return metrics
+
+
+def read_split(args, task: str, split: str, strict: bool = False):
+    """Read a task split (the `--{task}_{split}` path when given), reporting skipped broken rows."""
+    data = load_split(args.data_dir, task, split, strict, getattr(args, f"{task}_{split}", None))
+    if data.skipped:
+        print(f"{data.path.name}: skipped {len(data.skipped)} broken row(s): " + "; ".join(data.skipped[:3])
+              + (" ..." if len(data.skipped) > 3 else ""), file=sys.stderr)
+    return data
+
+
+if __name__ == "__main__":
+    main()

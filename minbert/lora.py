@@ -1,0 +1,164 @@
+"""Low-rank adapters for nn.Linear: LoRA (Hu et al. 2021), rsLoRA (Kalajdzievski 2023), DoRA (Liu et al. 2024).
+
+The adapted module keeps the frozen base `weight`/`bias` under their original state-dict keys and adds
+`lora_A` (r, in), `lora_B` (out, r) and, for DoRA, `magnitude` (out,); the numerics follow PEFT's LoRA layers.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VARIANTS = ("lora", "rslora", "dora")
+MODES = ("lll", "fm")  # last-linear-layer (adapters only) / full-model (all but the adapted base weights)
+ADAPTER_PARAMS = ("lora_A", "lora_B", "magnitude")
+
+
+class LoRALinear(nn.Module):
+    """W₀x + b + s·B A dropout(x) (Hu et al. 2021, eq. 3); `variant` sets s and the DoRA re-normalisation."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, variant: str = "lora", dropout: float = 0.0):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"LoRA variant must be one of {VARIANTS}, got {variant!r}")
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        self.in_features, self.out_features, self.r, self.variant = base.in_features, base.out_features, r, variant
+        # rsLoRA: α/√r keeps the update's scale rank-independent (Kalajdzievski 2023); else α/r
+        self.scaling = alpha / math.sqrt(r) if variant == "rslora" else alpha / r
+        self.weight = base.weight.requires_grad_(False)  # (out, in), the same Parameter: no copy
+        self.bias = None if base.bias is None else base.bias.requires_grad_(False)  # (out,)
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))  # (out, r): B = 0, ΔW = 0 at start
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if variant == "dora":  # m₀ = ‖W₀‖_c, one norm per output row (Liu et al. 2024, eq. 5)
+            with torch.no_grad():
+                self.magnitude = nn.Parameter(self.weight_norm())  # (out,)
+
+    def adapted_weight(self) -> torch.Tensor:
+        """W₀ + s·B A, (out, in)."""
+        return self.weight + self.scaling * (self.lora_B @ self.lora_A)
+
+    def weight_norm(self) -> torch.Tensor:
+        """‖W₀ + s·B A‖ of each output row, (out,)."""
+        return torch.linalg.norm(self.adapted_weight(), dim=1)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The one weight equivalent with dropout off: W₀ + s·BA, its rows rescaled by m/‖·‖ for DoRA."""
+        w = self.adapted_weight()  # (out, in)
+        return w if self.variant != "dora" else (self.magnitude / self.weight_norm())[:, None] * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out)."""
+        y = F.linear(x, self.weight, self.bias)  # W₀x + b
+        xd = self.dropout(x)
+        delta = F.linear(F.linear(xd, self.lora_A), self.lora_B) * self.scaling  # s·B A xd
+        if self.variant != "dora":
+            return y + delta
+        # DoRA, eq. 5: m/‖W₀ + s·BA‖_c, the norm a constant in backward (§4.3). As PEFT, active dropout
+        # feeds only the rescaled terms: W₀x + b + (m/‖·‖ - 1)·W₀xd + m/‖·‖·s·BA xd, eq. 5 when xd = x
+        scale = self.magnitude / self.weight_norm().detach()  # (out,)
+        if isinstance(self.dropout, nn.Dropout) and self.training:
+            w0x = F.linear(xd, self.weight)
+        else:
+            w0x = y if self.bias is None else y - self.bias
+        return y + (scale - 1) * w0x + scale * delta
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, " \
+               f"variant={self.variant!r}, scaling={self.scaling:g}"
+
+
+def matches(name: str, targets) -> bool:
+    """PEFT's list form of `target_modules`: the module name equals a target or ends with '.' + target."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, targets=("query", "value"), variant: str = "lora",
+               dropout: float = 0.0) -> nn.Module:
+    """Replace, in place, every nn.Linear whose name matches `targets` by a LoRALinear; returns `model`."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [(name, m) for name, m in linears if matches(name, targets)]
+    if not chosen:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
+        examples = ", ".join(name for name, _ in linears[:4])
+        raise ValueError(f"apply_lora: no nn.Linear matches targets {list(targets)}; Linear names end with "
+                         f"{suffixes} (e.g. {examples})")
+    for name, linear in chosen:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(linear, r, alpha, variant, dropout))
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into a plain nn.Linear with the merged weight (same keys, same outputs); returns `model`."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                               device=m.weight.device, dtype=m.weight.dtype)
+            linear.weight.copy_(m.merged_weight())
+            if m.bias is not None:
+                linear.bias.copy_(m.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
+def mark_trainable(model: nn.Module, mode: str = "lll") -> nn.Module:
+    """'lll': only adapter parameters train; 'fm': everything but the adapted base weight/bias trains."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for module in model.modules():
+        adapted = isinstance(module, LoRALinear)
+        for leaf, p in module.named_parameters(recurse=False):
+            adapter = adapted and leaf in ADAPTER_PARAMS
+            p.requires_grad_(adapter if mode == "lll" else adapter or not adapted)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, tied parameters counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """Only the adapter tensors (lora_A, lora_B, magnitude), keyed as in `model.state_dict()`."""
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_PARAMS}
+
+
+@dataclass
+class LoRAConfig:
+    """The adapter recipe, stored in a checkpoint's config.json so the swap can be re-applied before loading."""
+
+    r: int = 8
+    alpha: float = 16
+    targets: tuple = ("query", "value")
+    variant: str = "lora"
+    dropout: float = 0.0
+    mode: str = "lll"
+
+    def __post_init__(self):
+        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if self.variant not in VARIANTS or self.mode not in MODES:
+            raise ValueError(f"LoRAConfig: variant must be one of {VARIANTS} and mode one of {MODES}, "
+                             f"got {self.variant!r} and {self.mode!r}")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoRAConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """apply_lora with these settings, then mark_trainable(model, mode)."""
+        apply_lora(model, self.r, self.alpha, self.targets, self.variant, self.dropout)
+        return mark_trainable(model, self.mode)
