@@ -175,12 +175,12 @@ def main(argv=None) -> dict:
     return metrics
 
 
-def read_split(args, task: str, split: str, strict: bool = False):
-    """Read a task split (the `--{task}_{split}` path when given), reporting skipped broken rows."""
+def read_split(args, task: str, split: str, strict: bool = False, report=print):
+    """Read a task split (the `--{task}_{split}` path when given); skipped broken rows are counted via `report`."""
     data = load_split(args.data_dir, task, split, strict, getattr(args, f"{task}_{split}", None))
     if data.skipped:
-        print(f"{data.path.name}: skipped {len(data.skipped)} broken row(s): " + "; ".join(data.skipped[:3])
-              + (" ..." if len(data.skipped) > 3 else ""), file=sys.stderr)
+        report(f"{data.path.name}: skipped {len(data.skipped)} broken row(s): " + "; ".join(data.skipped[:5])
+               + (" ..." if len(data.skipped) > 5 else ""))
     return data
 
 
