@@ -22,10 +22,14 @@ from heads import PAIR_HEADS, POOLINGS, SENTIMENT_HEADS, TASKS, HeadConfig, Mult
 from minbert import CheckpointError
 from minbert.checkpoint import save_json, save_tensors
 from minbert.loading import cached_snapshot
-from optim import AdamW, TaskSampler, lr_lambda, param_groups_for_weight_decay
+from minbert.lora import LoRAConfig
+from minbert.pals import PALsConfig
+from optim import (AdamW, EMATeacher, GradNorm, TaskSampler, bregman_divergence, lr_lambda,
+                   param_groups_for_weight_decay, pcgrad, smart_loss)
 from optim.sampling import MODES as SAMPLING_MODES
 
 SCHEDULERS = ("all", *SAMPLING_MODES)  # "all": one batch of every task per step, losses summed
+SMART_KINDS = {"sentiment": "classification", "paraphrase": "binary", "similarity": "regression"}
 
 
 @dataclass
@@ -52,6 +56,21 @@ class TrainConfig:
     hidden_dropout_prob: float = 0.1
     max_length: int = 128
     scheduler: str = field(default="all", metadata={"choices": SCHEDULERS, "help": "task scheduling per step"})
+    pcgrad: bool = field(default=False, metadata={
+        "help": "combine the task gradients on shared parameters with PCGrad (Yu et al. 2020); needs --scheduler all"})
+    gradnorm: bool = field(default=False, metadata={"help": "learn task loss weights with GradNorm (Chen et al. 2018)"})
+    gradnorm_alpha: float = 1.5
+    gradnorm_layer: str = field(default="last", metadata={
+        "choices": ("last", "pooler"), "help": "shared layer whose gradient norms GradNorm balances"})
+    smart: bool = field(default=False, metadata={"help": "SMART adversarial smoothness regulariser (Jiang et al. 2020)"})
+    smart_lambda: float = field(default=1.0, metadata={"help": "weight λ of the SMART term"})
+    smart_noise: float = field(default=1e-5, metadata={"help": "σ of the initial Gaussian perturbation"})
+    smart_eps: float = field(default=1e-3, metadata={"help": "radius ε of the (L∞) perturbation ball"})
+    smart_step_size: float = field(default=1e-3, metadata={"help": "ascent step size η"})
+    smart_steps: int = field(default=1, metadata={"help": "adversarial ascent steps K (0 = noise only)"})
+    smart_bregman: float = field(default=0.0, metadata={
+        "help": "weight μ of the Bregman proximal term against an EMA teacher (0 = off)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per task and step"})
     task_order: str | None = field(default=None, metadata={"help": "order for round_robin / sequential"})
     finetune_last: int = field(default=0, metadata={"help": "train only the last N encoder layers (0 = all)"})
     pooling: str = field(default="mean", metadata={"choices": POOLINGS})
@@ -60,6 +79,21 @@ class TrainConfig:
     para_head: str = field(default="features", metadata={"choices": PAIR_HEADS})
     sts_head: str = field(default="cosine", metadata={"choices": PAIR_HEADS})
     multi_stream: int = field(default=0, metadata={"help": "width of shared + task-specific streams (0 = off)"})
+    lora: int = field(default=0, metadata={"help": "LoRA rank r (0 = no adapters)"})
+    lora_alpha: float = 16
+    lora_targets: str = field(default="query,value", metadata={"help": "Linear names to adapt, e.g. query,key,value,dense"})
+    lora_variant: str = field(default="lora", metadata={"choices": ("lora", "rslora", "dora")})
+    lora_mode: str = field(default="lll", metadata={"choices": ("lll", "fm"),
+                           "help": "lll: only adapters and heads train; fm: all but the adapted base weights"})
+    lora_dropout: float = 0.0
+    save_adapters_only: bool = field(default=False, metadata={
+        "help": "checkpoints hold only what training changed (adapters, heads) plus a reference to --model"})
+    pals: str | None = field(default=None, metadata={
+        "choices": ("pal", "lowrank", "mixed"), "help": "task-specific layers parallel to BERT's (Stickland & Murray 2019)"})
+    pals_dim: int | None = field(default=None, metadata={"help": "d_s (default 204 for pal, 100 for lowrank)"})
+    pals_share_ve_vd: bool = field(default=False, metadata={"help": "one V_E/V_D per task for all layers"})
+    pals_share_attention: bool = field(default=False, metadata={"help": "one PAL attention per task for all layers"})
+    pals_aa: bool = field(default=False, metadata={"help": "alternative placement: add TS(h) after the layer's LayerNorm"})
     bucket: bool = field(default=True, metadata={"help": "length-bucketed ('sortish') training batches"})
     strict: bool = field(default=False, metadata={"help": "broken data rows are fatal instead of skipped"})
     seed: int = 11711
@@ -91,6 +125,14 @@ class TrainConfig:
                           sentiment_head=self.sentiment_head, para_head=self.para_head, sts_head=self.sts_head,
                           multi_stream=self.multi_stream, dropout=self.hidden_dropout_prob)
 
+    def pals_config(self) -> PALsConfig | None:
+        return PALsConfig(self.pals, self.pals_dim, self.pals_share_ve_vd, self.pals_share_attention,
+                          self.pals_aa) if self.pals else None
+
+    def lora_config(self) -> LoRAConfig | None:
+        return LoRAConfig(self.lora, self.lora_alpha, self.lora_targets.split(","), self.lora_variant,
+                          self.lora_dropout, self.lora_mode) if self.lora else None
+
 
 def parse_args(argv=None) -> TrainConfig:
     """argparse built from TrainConfig's fields: `--name value`, booleans as `--flag` / `--no-flag`."""
@@ -102,6 +144,8 @@ def parse_args(argv=None) -> TrainConfig:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
             kind = f.type if f.type in (int, float) else int if str(f.type) == "int | None" else str
+            if f.metadata.get("choices") and f.default is None:
+                kw["help"] = (kw["help"] or "") + f" (one of {', '.join(f.metadata['choices'])}; default off)"
             p.add_argument(f"--{f.name}", type=kind, choices=f.metadata.get("choices"), **kw)
     return TrainConfig(**vars(p.parse_args(argv)))
 
@@ -128,34 +172,67 @@ def freeze(model: MultitaskBert, option: str, finetune_last: int) -> None:
 
 # ---- training state: everything --resume needs to continue exactly ----------------------------------------------
 
-def save_train_state(run_dir: Path, model, optimizer, lr_sched, streams, position: dict) -> None:
-    """last/ (weights) plus train_state.safetensors (optimizer moments, RNG) and train_state.json (counters)."""
+@dataclass
+class Extras:
+    """Optional learned state beside the model: GradNorm's task weights, SMART's EMA teacher."""
+
+    gradnorm: GradNorm | None = None
+    teacher: EMATeacher | None = None
+
+
+def optimizer_tensors(prefix: str, state_dict: dict) -> dict:
+    """An optimizer's per-parameter state as flat tensors (safetensors holds no nested objects)."""
+    return {f"{prefix}.{i}.{k}": torch.as_tensor(v) for i, s in state_dict["state"].items() for k, v in s.items()}
+
+
+def optimizer_state(prefix: str, tensors: dict, param_groups: list, device) -> dict:
+    """Inverse of optimizer_tensors, with the param_groups saved as JSON."""
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            i, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(i), {})[name] = value if name == "step" else value.to(device)
+    return {"state": state, "param_groups": param_groups}
+
+
+def save_train_state(run_dir: Path, model, optimizer, lr_sched, streams, extras: Extras, position: dict) -> None:
+    """last/ (weights) plus train_state.safetensors (optimizer moments, RNG, extras) and train_state.json."""
     model.save(run_dir / "last", {"epoch": position["epoch"], "step": position["global_step"]})
     opt = optimizer.state_dict()
-    tensors = {f"opt.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
-    tensors["rng.cpu"] = torch.get_rng_state()
+    tensors = {**optimizer_tensors("opt", opt), "rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {**position, "param_groups": opt["param_groups"], "lr_scheduler": lr_sched.state_dict(),
+            "streams": {t: s.state_dict() for t, s in streams.items()}}
+    if extras.gradnorm:
+        gn = extras.gradnorm.state_dict()
+        tensors.update({"gradnorm.weights": gn["weights"], **optimizer_tensors("gradnorm.opt", gn["optimizer"])})
+        if gn["initial_losses"] is not None:
+            tensors["gradnorm.initial_losses"] = gn["initial_losses"]
+        meta["gradnorm_param_groups"] = gn["optimizer"]["param_groups"]
+    if extras.teacher:
+        tensors.update({f"teacher.{k}": v for k, v in extras.teacher.model.state_dict().items()})
     save_tensors(tensors, run_dir / "train_state.safetensors")
-    save_json({**position, "param_groups": opt["param_groups"], "lr_scheduler": lr_sched.state_dict(),
-               "streams": {t: s.state_dict() for t, s in streams.items()}}, run_dir / "train_state.json")
+    save_json(meta, run_dir / "train_state.json")
 
 
-def load_train_state(run_dir: Path, model, optimizer, lr_sched, streams, device) -> dict:
+def load_train_state(run_dir: Path, model, optimizer, lr_sched, streams, extras: Extras, device) -> dict:
     """Restore what save_train_state wrote; returns the position counters."""
     last = MultitaskBert.from_checkpoint(run_dir / "last", device)
     model.load_state_dict(last.state_dict())
     meta = json.loads((run_dir / "train_state.json").read_text())
     tensors = load_file(run_dir / "train_state.safetensors")
-    state = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = value.to(device) if name != "step" else value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    optimizer.load_state_dict(optimizer_state("opt", tensors, meta["param_groups"], device))
     lr_sched.load_state_dict(meta["lr_scheduler"])
     for task, s in streams.items():
         s.load_state_dict(meta["streams"][task])
+    if extras.gradnorm:
+        extras.gradnorm.load_state_dict({
+            "weights": tensors["gradnorm.weights"], "initial_losses": tensors.get("gradnorm.initial_losses"),
+            "optimizer": optimizer_state("gradnorm.opt", tensors, meta["gradnorm_param_groups"], "cpu")})
+    if extras.teacher:
+        extras.teacher.model.load_state_dict({k[len("teacher."):]: v for k, v in tensors.items()
+                                              if k.startswith("teacher.")})
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -176,6 +253,13 @@ def main(argv=None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.resume and not (run_dir / "train_state.json").is_file():
         raise SystemExit(f"error: --resume, but {run_dir / 'train_state.json'} does not exist (nothing to resume)")
+    if (args.pcgrad or args.gradnorm) and args.scheduler != "all":
+        raise SystemExit("error: --pcgrad and --gradnorm combine the tasks of one step: use --scheduler all")
+    if args.pcgrad and args.gradnorm:
+        raise SystemExit("error: choose one of --pcgrad and --gradnorm")
+    if args.gradnorm_layer == "pooler" and args.gradnorm and args.pooling != "pooler":
+        raise SystemExit(f"error: --gradnorm_layer pooler needs --pooling pooler (with --pooling {args.pooling} "
+                         "the pooler is not in the graph); use --gradnorm_layer last")
     args.model = args.model or default_model()
     save_json(dataclasses.asdict(args), run_dir / "train_config.json")
     torch.manual_seed(args.seed)
@@ -183,7 +267,7 @@ def main(argv=None) -> dict:
 
     try:
         # ---- model ---------------------------------------------------------------------------------------------
-        model = MultitaskBert.from_pretrained(args.model, args.head_config(),
+        model = MultitaskBert.from_pretrained(args.model, args.head_config(), args.lora_config(), args.pals_config(),
                                               hidden_dropout_prob=args.hidden_dropout_prob).to(device)
         freeze(model, args.option, args.finetune_last)
         # ---- data ----------------------------------------------------------------------------------------------
@@ -208,13 +292,15 @@ def main(argv=None) -> dict:
     optimizer = AdamW(param_groups_for_weight_decay(model, args.weight_decay), lr=args.lr)
     warmup = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_schedule, warmup, total_steps))
+    extras = Extras(GradNorm(args.task_list, args.gradnorm_alpha) if args.gradnorm else None,
+                    EMATeacher(model) if args.smart and args.smart_bregman else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(run_dir, f"{trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters | "
                  f"{args.epochs} epoch(s) x {steps_per_epoch} steps | scheduler {args.scheduler}")
 
     position = {"epoch": 0, "step": 0, "global_step": 0, "best": -math.inf}
     if args.resume:
-        position = load_train_state(run_dir, model, optimizer, lr_sched, streams, device)
+        position = load_train_state(run_dir, model, optimizer, lr_sched, streams, extras, device)
         log(run_dir, f"resumed at epoch {position['epoch'] + 1}, step {position['step']}")
 
     # ---- loop ------------------------------------------------------------------------------------------------------
@@ -224,11 +310,13 @@ def main(argv=None) -> dict:
         model.train()
         bar = tqdm(range(position["step"], steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
                    initial=position["step"], total=steps_per_epoch, dynamic_ncols=True)
+        steps_per_task = {t: sum(plan[s % len(plan)] == t for s in range(steps_per_epoch)) if plan else
+                          steps_per_epoch for t in args.task_list}
         tokens, started = 0, time.perf_counter()
         for step in bar:
             tasks = [plan[step % len(plan)]] if plan else args.task_list
             try:
-                losses, n = train_step(model, optimizer, streams, tasks, device, args)
+                losses, n = train_step(model, optimizer, streams, tasks, device, args, extras)
             except NonFiniteLoss as err:
                 best = run_dir / "best"
                 log(run_dir, f"error: {err} at epoch {epoch + 1} step {step + 1}; training stopped. The last good "
@@ -238,49 +326,98 @@ def main(argv=None) -> dict:
             lr_sched.step()
             tokens += n
             position.update(step=step + 1, global_step=position["global_step"] + 1)
-            bar.set_postfix({**{t: f"{v:.3f}" for t, v in losses.items()},
+            weights = {f"w_{t}": f"{w:.2f}" for t, w in zip(args.task_list, extras.gradnorm.w.tolist())} \
+                if extras.gradnorm else {}
+            bar.set_postfix({**{t: f"{v:.3f}" for t, v in losses.items()}, **weights,
                              "tok/s": f"{tokens / (time.perf_counter() - started):.0f}"})
             if args.save_every and position["global_step"] % args.save_every == 0:
-                save_train_state(run_dir, model, optimizer, lr_sched, streams, position)
+                save_train_state(run_dir, model, optimizer, lr_sched, streams, extras, position)
         bar.close()
         train_seconds = time.perf_counter() - started
 
         # ---- eval and checkpoint -----------------------------------------------------------------------------------
         metrics, _ = evaluate_model(model, dev, args.eval_batch_size, device, args.amp)
         record = {"epoch": epoch + 1, "step": position["global_step"], **metrics,
-                  "train_seconds": round(train_seconds, 1), "train_tokens_per_s": round(tokens / train_seconds)}
+                  "train_seconds": round(train_seconds, 1), "train_tokens_per_s": round(tokens / train_seconds),
+                  "steps_per_task": steps_per_task, **(extras.gradnorm.log() if extras.gradnorm else {})}
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         is_best = metrics["overall"] > position["best"]
         if is_best:
             position["best"] = metrics["overall"]
-            model.save(run_dir / "best", record)
+            model.save(run_dir / "best", record, args.save_adapters_only)
         log(run_dir, f"epoch {epoch + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            + (" (best, saved)" if is_best else ""))
+            + (" (best, saved)" if is_best else "") + f" | batches per task {steps_per_task}"
+            + (f" | GradNorm weights {extras.gradnorm.weights.tolist()}" if extras.gradnorm else ""))
         position.update(epoch=epoch + 1, step=0)
-        save_train_state(run_dir, model, optimizer, lr_sched, streams, position)
+        save_train_state(run_dir, model, optimizer, lr_sched, streams, extras, position)
     log(run_dir, f"best checkpoint: {run_dir / 'best'} (overall {position['best']:.4f}); "
                  f"score it with: python evaluate.py {run_dir / 'best'} --data_dir {args.data_dir}")
     return metrics
 
 
-def train_step(model, optimizer, streams, tasks, device, args) -> tuple[dict, int]:
-    """One optimizer step on one batch of each task in `tasks`; task losses are summed (one backward per task,
-    so only one task's graph is alive at a time). Returns the task losses and the non-pad tokens seen."""
+def task_loss(model: MultitaskBert, task: str, batch: dict, args, extras: Extras) -> torch.Tensor:
+    """The task's loss, plus λ·R_s (SMART, Jiang et al. 2020 eq. 3) on the embedding-layer output and μ·D_Breg
+    against the EMA teacher (§3.2) when those are on."""
+    if not args.smart:
+        return model.loss(task, batch)
+    ids, mask, types, paired = model.inputs(batch)
+    forward = lambda emb: model.from_embeddings(task, emb, mask, paired)  # noqa: E731
+    embeddings = model.bert.embeddings(ids, types)  # (B, T, H)
+    out = forward(embeddings)
+    kind = SMART_KINDS[TASKS[task][0]]
+    loss = model.criterion(task, out, batch["labels"]) + args.smart_lambda * smart_loss(
+        forward, embeddings, out, kind, args.smart_noise, args.smart_eps, args.smart_step_size, args.smart_steps)
+    if extras.teacher:
+        with torch.no_grad():
+            teacher = extras.teacher.model
+            target = teacher.from_embeddings(task, teacher.bert.embeddings(ids, types), mask, paired)
+        loss = loss + args.smart_bregman * bregman_divergence(out, target, kind)
+    return loss
+
+
+def train_step(model, optimizer, streams, tasks, device, args, extras: Extras) -> tuple[dict, int]:
+    """One optimizer step on `grad_accum` batches of each task in `tasks`. By default one backward per task (only
+    one task's graph alive at a time) and the task gradients summed; --pcgrad combines them on the shared
+    parameters with PCGrad while each head keeps its own; --gradnorm backpropagates Σ w_i L_i with learned w.
+    Returns the task losses and the non-pad tokens seen."""
     optimizer.zero_grad(set_to_none=True)
-    losses, tokens = {}, 0
-    for task in tasks:
+    shared = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("heads.", "streams."))]
+    losses, tokens, task_grads = dict.fromkeys(tasks, 0.0), 0, []
+
+    def draw(task: str) -> torch.Tensor:
+        nonlocal tokens
         batch = {k: v.to(device, non_blocking=True) for k, v in next(streams[task]).items() if torch.is_tensor(v)}
+        tokens += sum(int(v.sum()) for k, v in batch.items() if k.startswith("attention_mask"))
         with autocast(device, args.amp):
-            loss = model.loss(task, batch)
+            loss = task_loss(model, task, batch, args, extras) / args.grad_accum
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"the {task} loss is {loss.item()}")
-        loss.backward()
-        losses[task] = loss.item()
-        tokens += sum(int(v.sum()) for k, v in batch.items() if k.startswith("attention_mask"))
+        losses[task] += loss.item()
+        return loss
+
+    if extras.gradnorm:  # every task's graph at once: GradNorm needs all gradient norms on the shared layer
+        layer = model.bert.pooler.dense if args.gradnorm_layer == "pooler" else model.bert.encoder.layer[-1].output.dense
+        for _ in range(args.grad_accum):
+            extras.gradnorm.step([draw(t) for t in tasks], [p for p in layer.parameters() if p.requires_grad]).backward()
+    else:
+        for task in tasks:
+            for _ in range(args.grad_accum):
+                loss = draw(task)
+                if loss.requires_grad:  # False for a parameter-free head (cosine) on a frozen encoder
+                    loss.backward()
+            if args.pcgrad:  # move this task's shared gradients aside; the next backward starts from zero
+                task_grads.append([p.grad for p in shared])
+                for p in shared:
+                    p.grad = None
+    if args.pcgrad:  # random projection order from the global RNG: seeded, and restored by --resume
+        for p, g in zip(shared, pcgrad(task_grads)):
+            p.grad = g
     if args.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     optimizer.step()
+    if extras.teacher:
+        extras.teacher.update(model)
     return losses, tokens
 
 

@@ -1,5 +1,6 @@
 """MultitaskBert: one shared encoder, a pooling, optional multi-stream features and one head per task."""
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,8 @@ from torch import nn
 from minbert import BertConfig, BertModel, CheckpointError, Tokenizer
 from minbert.checkpoint import PICKLE_SUFFIXES, save_json, save_tensors
 from minbert.loading import load_checked
+from minbert.lora import ADAPTER_PARAMS, LoRAConfig
+from minbert.pals import PALs, PALsConfig
 
 from .pooling import Pooling
 from .tasks import TASKS, PairHead, SentimentHead
@@ -48,15 +51,23 @@ class MultitaskBert(nn.Module):
     """`forward(task, batch)` gives logits (sentiment: (B, C); paraphrase: (B,)) or 0-5 scores (similarity: (B,))."""
 
     def __init__(self, bert: BertModel, config: HeadConfig, tokenizer: Tokenizer | None = None,
-                 base_model: str | None = None):
+                 base_model: str | None = None, lora: LoRAConfig | None = None, pals: PALsConfig | None = None,
+                 base_fingerprint: str | None = None):
         super().__init__()
         self.bert, self.config, self.tokenizer, self.base_model = bert, config, tokenizer, base_model
+        self.lora, self.pals_config = lora, pals
+        # identifies the pre-trained weights, so an adapter-only checkpoint can check its base
+        self.base_fingerprint = base_fingerprint or fingerprint(bert)
+        if lora is not None:
+            lora.apply(bert)
         self.pooling = Pooling(config.pooling, bert.config.hidden_size)
         dim = self.pooling.out_dim
         if config.multi_stream:
             self.shared_stream = nn.Linear(dim, config.multi_stream)
             self.streams = nn.ModuleDict({t: nn.Linear(dim, config.multi_stream) for t in config.tasks})
             dim = 2 * config.multi_stream
+        # layer-parallel task-specific adapters (Stickland & Murray 2019), routed by task name
+        self.pals = PALs(pals, bert.config, config.tasks) if pals is not None else None
         self.heads = nn.ModuleDict()
         for task in config.tasks:
             kind, outputs = TASKS[task]
@@ -65,40 +76,53 @@ class MultitaskBert(nn.Module):
                 PairHead(config.para_head if kind == "paraphrase" else config.sts_head, dim, config.dropout)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, config: HeadConfig | None = None, **bert_overrides):
-        """A fresh multi-task model on a pre-trained encoder (directory, cached name or 'minilm')."""
+    def from_pretrained(cls, name_or_path: str, config: HeadConfig | None = None, lora: LoRAConfig | None = None,
+                        pals: PALsConfig | None = None, **bert_overrides):
+        """A fresh multi-task model on a pre-trained encoder (directory, cached name or 'minilm'); LoRA and PALs
+        optional."""
         bert = BertModel.from_pretrained(name_or_path, **bert_overrides)
-        return cls(bert, config or HeadConfig(), Tokenizer.from_pretrained(name_or_path), str(name_or_path))
+        return cls(bert, config or HeadConfig(), Tokenizer.from_pretrained(name_or_path), str(name_or_path), lora,
+                   pals)
 
     # ---- forward --------------------------------------------------------------------------------------------
 
-    def sentence_vectors(self, task: str, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
-        """Encoder, pooling and (if on) the multi-stream features: (B, T) ids -> (B, D)."""
-        x = self.pooling(self.bert(input_ids, attention_mask, token_type_ids), attention_mask)
+    @staticmethod
+    def inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Encoder inputs of a batch: (ids, mask, token types, paired). A bi-encoded pair batch stacks both sides,
+        padded to a common length, so one encoder call serves both: rows [:B] are side 1, [B:] side 2."""
+        if "input_ids_1" not in batch:  # one sentence, or a cross-encoded pair
+            return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], False
+        T = max(batch["input_ids_1"].shape[1], batch["input_ids_2"].shape[1])
+        ids, mask, types = (torch.cat([F.pad(batch[f"{key}_{side}"], (0, T - batch[f"{key}_{side}"].shape[1]))
+                                       for side in (1, 2)]) for key in ("input_ids", "attention_mask", "token_type_ids"))
+        return ids, mask, types, True
+
+    def from_embeddings(self, task: str, embeddings: torch.Tensor, attention_mask: torch.Tensor,
+                        paired: bool) -> torch.Tensor:
+        """Encoder (with the task's PALs, if any), pooling, streams and head on embedding-layer output (B, T, H);
+        SMART perturbs `embeddings`."""
+        adapter = self.pals.route(task) if self.pals is not None else None
+        x = self.pooling(self.bert.encode(embeddings, attention_mask, adapter), attention_mask)
         if self.config.multi_stream:
             x = torch.cat([F.relu(self.shared_stream(x)), F.relu(self.streams[task](x))], dim=-1)
-        return x
+        return self.heads[task](*x.chunk(2)) if paired else self.heads[task](x)
 
     def forward(self, task: str, batch: dict) -> torch.Tensor:
-        if "input_ids_1" not in batch:  # one sentence, or a cross-encoded pair
-            x = self.sentence_vectors(task, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            return self.heads[task](x)
-        # bi-encoder: both sides in one encoder call, padded to a common length
-        T = max(batch["input_ids_1"].shape[1], batch["input_ids_2"].shape[1])
-        joined = [torch.cat([F.pad(batch[f"{key}_{side}"], (0, T - batch[f"{key}_{side}"].shape[1]))
-                             for side in (1, 2)]) for key in ("input_ids", "attention_mask", "token_type_ids")]
-        u, v = self.sentence_vectors(task, *joined).chunk(2)
-        return self.heads[task](u, v)
+        ids, mask, types, paired = self.inputs(batch)
+        return self.from_embeddings(task, self.bert.embeddings(ids, types), mask, paired)
 
-    def loss(self, task: str, batch: dict) -> torch.Tensor:
+    @staticmethod
+    def criterion(task: str, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (sentiment), binary cross-entropy on the logit (paraphrase), MSE on 0-5 (similarity)."""
-        out, labels = self(task, batch).float(), batch["labels"]
-        kind = TASKS[task][0]
+        kind, out = TASKS[task][0], out.float()
         if kind == "sentiment":
             return F.cross_entropy(out, labels)
         if kind == "paraphrase":
             return F.binary_cross_entropy_with_logits(out, labels.float())
         return F.mse_loss(out, labels.float())
+
+    def loss(self, task: str, batch: dict) -> torch.Tensor:
+        return self.criterion(task, self(task, batch), batch["labels"])
 
     @staticmethod
     def predictions(task: str, out: torch.Tensor) -> list:
@@ -148,23 +172,31 @@ class MultitaskBert(nn.Module):
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
-    def checkpoint_config(self) -> dict:
+    def checkpoint_config(self, adapters_only: bool = False) -> dict:
         return {"format": FORMAT, "base_model": self.base_model, "bert": self.bert.config.to_dict(),
-                "heads": dataclasses.asdict(self.config)}
+                "heads": dataclasses.asdict(self.config), "lora": self.lora and self.lora.to_dict(),
+                "pals": self.pals_config and self.pals_config.to_dict(),
+                "adapters_only": adapters_only, "base_fingerprint": self.base_fingerprint}
 
-    def save(self, directory: Path, metadata: dict | None = None) -> None:
-        """model.safetensors (encoder and heads; `metadata` such as step and dev scores inside), config.json and
-        the tokenizer; every file written atomically."""
+    def save(self, directory: Path, metadata: dict | None = None, adapters_only: bool = False) -> None:
+        """model.safetensors (with `metadata` such as step and dev scores inside), config.json and the tokenizer,
+        each written atomically. `adapters_only` keeps what training changed (adapters, heads, trainable encoder
+        weights) and refers to the base model for the rest."""
         directory = Path(directory)
-        save_tensors(self.state_dict(), directory / "model.safetensors",
+        tensors = self.state_dict()
+        if adapters_only:
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("bert.") or k in trainable}
+        save_tensors(tensors, directory / "model.safetensors",
                      {k: json.dumps(v) for k, v in (metadata or {}).items()})
-        save_json(self.checkpoint_config(), directory / "config.json")
+        save_json(self.checkpoint_config(adapters_only), directory / "config.json")
         if self.tokenizer is not None:
             self.tokenizer.save(directory)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "MultitaskBert":
-        """Rebuild a model saved by `save` (a directory of safetensors + JSON; pickled files are refused)."""
+        """Rebuild a model saved by `save` (a directory of safetensors + JSON; pickled files are refused).
+        An adapter-only checkpoint is loaded on top of its base model, which must be the one it was trained on."""
         path = Path(path)
         if path.suffix in PICKLE_SUFFIXES or (path.is_dir() and not (path / "model.safetensors").exists()
                                               and any(path.glob("*" + s) for s in PICKLE_SUFFIXES)):
@@ -178,11 +210,25 @@ class MultitaskBert(nn.Module):
         if config.get("format") != FORMAT:
             raise CheckpointError(f"minbert: {path / 'config.json'} is not a {FORMAT} checkpoint config "
                                   "(a plain BERT checkpoint goes to train.py --model instead)")
-        bert = BertModel(BertConfig.from_dict(config["bert"]))
-        model = cls(bert, HeadConfig(**config["heads"]), Tokenizer.from_pretrained(path), config["base_model"])
+        heads, lora = HeadConfig(**config["heads"]), config.get("lora") and LoRAConfig.from_dict(config["lora"])
+        pals = config.get("pals") and PALsConfig.from_dict(config["pals"])
+        if config.get("adapters_only"):
+            model = cls(BertModel.from_pretrained(config["base_model"]), heads, Tokenizer.from_pretrained(path),
+                        config["base_model"], lora, pals)
+            if model.base_fingerprint != config["base_fingerprint"]:
+                raise CheckpointError(
+                    f"minbert: {path} holds adapters trained on base model {config['base_model']!r} (weights "
+                    f"{config['base_fingerprint'][:12]}), but that name now gives other weights "
+                    f"({model.base_fingerprint[:12]}); load it on the base model it was trained on")
+        else:
+            model = cls(BertModel(BertConfig.from_dict(config["bert"])), heads, Tokenizer.from_pretrained(path),
+                        config["base_model"], lora, pals, config.get("base_fingerprint"))
         file = path / "model.safetensors"
         with safe_open(file, "pt", device=str(device)) as f:
-            load_checked(model, {k: f.get_tensor(k) for k in f.keys()}, file, optional=())
+            saved = {k: f.get_tensor(k) for k in f.keys()}
+        if config.get("adapters_only"):
+            saved = {**model.state_dict(), **saved}  # the base supplies the rest; unknown keys still fail
+        load_checked(model, saved, file, optional=())
         return model.to(device).eval()
 
     @staticmethod
@@ -190,3 +236,13 @@ class MultitaskBert(nn.Module):
         """The metadata saved with the weights (epoch, step, dev scores ...)."""
         with safe_open(Path(path) / "model.safetensors", "pt") as f:
             return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+def fingerprint(bert: BertModel) -> str:
+    """SHA-256 of the encoder's weights (adapter tensors excluded): identifies the base of an adapter checkpoint."""
+    h = hashlib.sha256()
+    for key, value in sorted(bert.state_dict().items()):
+        if key.rsplit(".", 1)[-1] not in ADAPTER_PARAMS:
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()

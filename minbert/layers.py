@@ -1,10 +1,16 @@
 """Transformer encoder layers: attention block, feed-forward block, post-LayerNorm residuals."""
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import BertSelfAttention
 from .config import BertConfig
+
+# A layer-parallel adapter (PALs, Stickland & Murray 2019): adapter(layer_index, h, mask) -> TS(h) (B, T, H), added
+# to the layer's last residual inside its LayerNorm, or after it when adapter.after_norm is True.
+Adapter = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact erf form, as in the original BERT
@@ -58,9 +64,15 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config.intermediate_size, config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, ts: torch.Tensor | None = None,
+                ts_after_norm: bool = False) -> torch.Tensor:
+        """LN(a + FFN(a)) with a = LN(x + SA(x)); a task-specific TS(x) joins inside the last LN, or after it."""
         a = self.attention(x, mask)
-        return self.output(self.intermediate(a), a)
+        if ts is None:
+            return self.output(self.intermediate(a), a)
+        if ts_after_norm:
+            return self.output(self.intermediate(a), a) + ts
+        return self.output(self.intermediate(a), a + ts)
 
 
 class BertEncoder(nn.Module):
@@ -68,7 +80,8 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        for layer in self.layer:
-            x = layer(x, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, adapter: Adapter | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self.layer):
+            ts = None if adapter is None else adapter(i, x, mask)
+            x = layer(x, mask, ts, getattr(adapter, "after_norm", False))
         return x

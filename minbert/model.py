@@ -4,7 +4,7 @@ from torch import nn
 
 from .config import BertConfig
 from .embeddings import BertEmbeddings
-from .layers import ACTIVATIONS, BertEncoder
+from .layers import ACTIVATIONS, Adapter, BertEncoder
 from .loading import load_pretrained
 
 
@@ -58,15 +58,17 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(config)
         self.apply(lambda m: init_weights(m, config.initializer_range))
 
-    def encode(self, embedding_output: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
-        """Run encoder and pooler on embedding-layer output (B, T, H); SMART perturbs that input."""
+    def encode(self, embedding_output: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               adapter: Adapter | None = None) -> dict:
+        """Run encoder and pooler on embedding-layer output (B, T, H); SMART perturbs that input, and a
+        layer-parallel `adapter` (PALs) adds its task-specific term in every layer."""
         mask = None if attention_mask is None else additive_mask(attention_mask, compute_dtype(embedding_output))
-        h = self.encoder(embedding_output, mask)
+        h = self.encoder(embedding_output, mask, adapter)
         return {"last_hidden_state": h, "pooler_output": self.pooler(h)}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> dict:
-        return self.encode(self.embeddings(input_ids, token_type_ids), attention_mask)
+                token_type_ids: torch.Tensor | None = None, adapter: Adapter | None = None) -> dict:
+        return self.encode(self.embeddings(input_ids, token_type_ids), attention_mask, adapter)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **config_overrides) -> "BertModel":

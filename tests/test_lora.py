@@ -4,6 +4,7 @@ import json
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 import transformers
 
 import minbert
@@ -186,12 +187,12 @@ def test_adapter_state_dict_round_trip_through_config(tmp_path):
     _, ours = adapted_pair("dora", QV)
     cfg = LoRAConfig(r=R, alpha=ALPHA, targets=QV, variant="dora", mode="fm")
     (tmp_path / "config.json").write_text(json.dumps({**ours.config.to_dict(), "lora": cfg.to_dict()}))
-    torch.save(lora_state_dict(ours), tmp_path / "adapter.pt")
+    save_file(lora_state_dict(ours), tmp_path / "adapter.safetensors")
     restored_cfg = LoRAConfig.from_dict(json.loads((tmp_path / "config.json").read_text())["lora"])
     assert restored_cfg == cfg
     _, fresh = base_models()
     restored_cfg.apply(fresh)
-    missing, unexpected = fresh.load_state_dict(torch.load(tmp_path / "adapter.pt", weights_only=True), strict=False)
+    missing, unexpected = fresh.load_state_dict(load_file(tmp_path / "adapter.safetensors"), strict=False)
     assert not unexpected and set(missing) == set(base_models()[1].state_dict())
     batch = random_batch(TINY["vocab_size"])
     with torch.no_grad():

@@ -1,0 +1,98 @@
+"""SMART regularisation (Jiang et al. 2020, "SMART: Robust and Efficient Fine-Tuning ...", §3, Alg. 1):
+a smoothness-inducing adversarial term on the embedding-layer output and a Bregman proximal point teacher."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+KINDS = ("classification", "binary", "regression")
+NORMS = ("inf", "l2")
+Embeddings = Tensor | tuple[Tensor, ...]
+
+
+def divergence(a: Tensor, b: Tensor, kind: str) -> Tensor:
+    """ℓ_s(a, b) averaged over the batch: symmetric KL of softmax(a) and softmax(b) over the last dim
+    (classification (B, C); binary (B,) logits z as 2-class logits [0, z]) or squared error (regression (B,)).
+    Gradients flow into both arguments (the paper's ℓ_s differentiated exactly)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    a, b = a.float(), b.float()
+    if kind == "regression":
+        return (a - b).pow(2).mean()
+    if kind == "binary":
+        a, b = (torch.stack([torch.zeros_like(z), z], dim=-1) for z in (a, b))  # (B,) -> (B, 2)
+    log_p, log_q = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
+    return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1).mean()  # KL(p‖q) + KL(q‖p) = Σ (p−q)(log p−log q)
+
+
+def _per_example_norm(x: Tensor, norm: str) -> Tensor:
+    """‖x_i‖ over all but the batch dim, shaped to broadcast against x: (B, 1, ..., 1)."""
+    flat = x.flatten(1)
+    out = flat.abs().amax(1) if norm == "inf" else flat.norm(dim=1)
+    return out.view(-1, *[1] * (x.dim() - 1))
+
+
+def _project(delta: Tensor, epsilon: float, norm: str) -> Tensor:
+    """Π onto the per-example ε-ball {‖δ_i‖ ≤ ε} of the chosen norm."""
+    if norm == "inf":
+        return delta.clamp(-epsilon, epsilon)
+    return delta * (epsilon / _per_example_norm(delta, norm).clamp_min(epsilon))
+
+
+def smart_loss(
+    forward_from_embeddings: Callable[[Embeddings], Tensor],
+    embeddings: Embeddings,
+    clean_output: Tensor,
+    kind: str,
+    sigma: float = 1e-5,
+    epsilon: float = 1e-5,
+    step_size: float = 1e-3,
+    steps: int = 1,
+    norm: str = "inf",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """R_s = ℓ_s(f(x + δ), f(x)) (eq. 3): δ ~ N(0, σ²I), then ``steps`` ascent steps δ ← Π_ε(δ + η g/‖g‖), g = ∇_δ ℓ_s,
+    on detached x and f(x) (Alg. 1; norms per example, each tensor of a tuple perturbed on its own). R back-propagates
+    through f(x + δ), ``clean_output`` (= forward_from_embeddings(embeddings), with graph) and x, not through δ."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    single = isinstance(embeddings, Tensor)
+    xs = (embeddings,) if single else tuple(embeddings)
+
+    def f(inputs: tuple[Tensor, ...]) -> Tensor:
+        return forward_from_embeddings(inputs[0] if single else inputs)
+
+    deltas = [sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) for x in xs]
+    target = clean_output.detach()
+    for _ in range(steps):
+        deltas = [d.requires_grad_() for d in deltas]
+        adv = divergence(f(tuple(x.detach() + d for x, d in zip(xs, deltas))), target, kind)
+        grads = torch.autograd.grad(adv, deltas)
+        deltas = [_project(d.detach() + step_size * g / _per_example_norm(g, norm).clamp_min(1e-12), epsilon, norm)
+                  for d, g in zip(deltas, grads)]
+    return divergence(f(tuple(x + d for x, d in zip(xs, deltas))), clean_output, kind)
+
+
+def bregman_divergence(student_output: Tensor, teacher_output: Tensor, kind: str) -> Tensor:
+    """D_Breg = ℓ_s(f(x; θ), f(x; θ̃_t)) (§3.2, Bregman proximal point), the teacher's side held fixed."""
+    return divergence(student_output, teacher_output.detach(), kind)
+
+
+class EMATeacher:
+    """Frozen momentum copy θ̃_t = (1 − β) θ_t + β θ̃_{t−1} (§3.2, momentum) for the Bregman proximal point term."""
+
+    def __init__(self, model: nn.Module, beta: float = 0.99):
+        self.beta = beta
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One EMA step towards ``model``'s parameters; buffers are copied."""
+        for mine, theirs in zip(self.model.parameters(), model.parameters()):
+            mine.lerp_(theirs.detach(), 1.0 - self.beta)
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
