@@ -1,6 +1,8 @@
-"""Score a multi-task checkpoint on the dev sets and write CS224N prediction files.
+"""Score multi-task checkpoints on the dev sets and write CS224N prediction files; several checkpoints are
+scored one by one and as an ensemble that averages their probabilities (SST, Quora) and scores (STS).
 
     python evaluate.py runs/minilm/best --data_dir ../shared/data [--plots]
+    python evaluate.py runs/a/best runs/b/best runs/c/best --data_dir ../shared/data
 """
 import argparse
 import json
@@ -38,8 +40,8 @@ def autocast(device: torch.device, amp: bool):
 
 @torch.inference_mode()
 def predict(model: MultitaskBert, encoded: EncodedTask, batch_size: int, device: torch.device,
-            amp: bool = False, progress: bool = True) -> dict[str, object]:
-    """Predictions by id for every row, in large length-sorted batches."""
+            amp: bool = False, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Probabilities (MultitaskBert.probabilities) by id for every row, in large length-sorted batches."""
     model.eval()
     out = {}
     batches = eval_batches(encoded, batch_size)
@@ -47,8 +49,13 @@ def predict(model: MultitaskBert, encoded: EncodedTask, batch_size: int, device:
                       disable=not progress, leave=False):
         with autocast(device, amp):
             y = model(encoded.task, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})
-        out.update(zip(batch["ids"], model.predictions(encoded.task, y)))
+        out.update(zip(batch["ids"], model.probabilities(encoded.task, y).cpu()))
     return {i: out[i] for i in encoded.ids}
+
+
+def labels(task: str, probabilities: dict[str, torch.Tensor]) -> dict:
+    """Labels by id from probabilities by id."""
+    return dict(zip(probabilities, MultitaskBert.labels(task, torch.stack(list(probabilities.values())))))
 
 
 def score(encoded: EncodedTask, predictions: dict) -> float:
@@ -66,13 +73,23 @@ def overall(metrics: dict) -> float:
     return sum(parts) / len(parts)
 
 
+def metrics_of(dev: dict[str, EncodedTask], predictions: dict[str, dict]) -> dict:
+    """{task}_{acc|pearson} per task, and overall."""
+    metrics = {f"{task}_{METRIC[TASKS[task][0]]}": score(enc, predictions[task]) for task, enc in dev.items()}
+    return {**metrics, "overall": overall(metrics)}
+
+
 def evaluate_model(model: MultitaskBert, dev: dict[str, EncodedTask], batch_size: int, device: torch.device,
                    amp: bool = False, progress: bool = True) -> tuple[dict, dict]:
-    """Dev metrics ({task}_{acc|pearson} and overall) and predictions by task."""
-    predictions = {task: predict(model, enc, batch_size, device, amp, progress) for task, enc in dev.items()}
-    metrics = {f"{task}_{METRIC[TASKS[task][0]]}": score(enc, predictions[task]) for task, enc in dev.items()}
-    metrics["overall"] = overall(metrics)
-    return metrics, predictions
+    """Dev metrics ({task}_{acc|pearson} and overall) and predicted labels by task."""
+    predictions = {task: labels(task, predict(model, enc, batch_size, device, amp, progress))
+                   for task, enc in dev.items()}
+    return metrics_of(dev, predictions), predictions
+
+
+def average(members: list[dict]) -> dict:
+    """Ensemble: the mean of the members' probabilities (class and paraphrase) or scores (similarity), by id."""
+    return {i: torch.stack([m[i] for m in members]).mean(0) for i in members[0]}
 
 
 def write_predictions(path: Path, task: str, predictions: dict) -> None:
@@ -128,7 +145,8 @@ def format_table(rows: dict[str, dict]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint directory written by train.py (e.g. runs/NAME/best)")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="checkpoint directories written by train.py (e.g. runs/NAME/best); several = an ensemble")
     p.add_argument("--data_dir", default="data", help="folder holding the CS224N csv files (default: data)")
     p.add_argument("--output_dir", default="predictions", help="where the *-output.csv files go")
     for task in OUTPUTS:
@@ -145,32 +163,42 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    out_dir = Path(args.output_dir)
     try:
-        model = MultitaskBert.from_checkpoint(args.checkpoint, device)
-        out_dir = Path(args.output_dir)
-        dev, test = {}, {}
-        for task in model.config.tasks:
-            dev[task] = encode_dataset(read_split(args, task, "dev"), model.tokenizer, args.max_length,
-                                       model.config.pair_encoding)
+        models = {path: MultitaskBert.from_checkpoint(path, device) for path in args.checkpoints}
+        tasks = [t for t in next(iter(models.values())).config.tasks if all(t in m.config.tasks for m in models.values())]
+        dev_sets, test_sets = {t: read_split(args, t, "dev") for t in tasks}, {}
+        for task in tasks:
             test_path = Path(getattr(args, f"{task}_test") or split_path(args.data_dir, task, "test"))
             if test_path.is_file():
-                test[task] = encode_dataset(read_split(args, task, "test"), model.tokenizer, args.max_length,
-                                            model.config.pair_encoding)
+                test_sets[task] = read_split(args, task, "test")
             else:
                 print(f"no test file for {task} ({test_path}): skipping its test predictions")
     except (DataError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
-    metrics, predictions = evaluate_model(model, dev, args.batch_size, device, args.amp)
+    # every member predicts with its own tokenizer and pair encoding; an ensemble averages probabilities
+    table, dev_probs, test_probs = {}, [], []
+    for path, model in models.items():
+        encode = lambda d: encode_dataset(d, model.tokenizer, args.max_length, model.config.pair_encoding)  # noqa
+        dev = {t: encode(d) for t, d in dev_sets.items()}
+        dev_probs.append({t: predict(model, enc, args.batch_size, device, args.amp) for t, enc in dev.items()})
+        test_probs.append({t: predict(model, encode(d), args.batch_size, device, args.amp)
+                           for t, d in test_sets.items()})
+        table[path] = metrics_of(dev, {t: labels(t, p) for t, p in dev_probs[-1].items()})
+    predictions = {t: labels(t, average([p[t] for p in dev_probs])) for t in tasks}
+    metrics = metrics_of(dev, predictions)
+    if len(models) > 1:
+        table[f"ensemble of {len(models)}"] = metrics
     for task, preds in predictions.items():
         write_predictions(out_dir / f"{OUTPUTS[task][0]}-dev-output.csv", task, preds)
-    for task, enc in test.items():
+    for task in test_sets:
         write_predictions(out_dir / f"{OUTPUTS[task][0]}-test-output.csv", task,
-                          predict(model, enc, args.batch_size, device, args.amp))
+                          labels(task, average([p[task] for p in test_probs])))
     if args.plots:
         for path in plot(dev, predictions, out_dir):
             print(f"wrote {path}")
     print(f"predictions in {out_dir}/")
-    print(format_table({args.checkpoint: metrics}))
+    print(format_table(table))
     print(json.dumps(metrics))
     return metrics
 

@@ -4,24 +4,29 @@ args -> data -> model -> optimizer -> loop (+ dev evaluation, best and last chec
     python train.py --option finetune --model minilm --data_dir ../shared/data --epochs 1 --steps_per_epoch 300
 """
 import argparse
+import csv
 import dataclasses
+import itertools
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from data import DataError, TaskStream, encode_dataset
+from data import DataError, EncodedTask, TaskStream, encode_dataset, eval_batches
+from data.masking import mask_tokens, masked_lm_accuracy
 from evaluate import autocast, evaluate_model, read_split, resolve_device
 from heads import PAIR_HEADS, POOLINGS, SENTIMENT_HEADS, TASKS, HeadConfig, MultitaskBert
-from minbert import CheckpointError
+from minbert import BertForMaskedLM, CheckpointError, Tokenizer
 from minbert.checkpoint import save_json, save_tensors
-from minbert.loading import cached_snapshot
+from minbert.loading import default_model
 from minbert.lora import LoRAConfig
 from minbert.pals import PALsConfig
 from optim import (AdamW, EMATeacher, GradNorm, TaskSampler, bregman_divergence, lr_lambda,
@@ -36,10 +41,11 @@ SMART_KINDS = {"sentiment": "classification", "paraphrase": "binary", "similarit
 class TrainConfig:
     """Every training option; the resolved values are saved as train_config.json beside the checkpoints."""
 
-    option: str = field(default="finetune", metadata={"choices": ("pretrain", "finetune"),
-                        "help": "pretrain = frozen BERT, heads only; finetune = update everything"})
+    option: str = field(default="finetune", metadata={"choices": ("pretrain", "finetune", "mlm"), "help":
+                        "pretrain = frozen BERT, heads only; finetune = update everything; mlm = masked-LM "
+                        "further pre-training on the --mlm_data sentences, writing a model --model accepts"})
     model: str | None = field(default=None, metadata={
-        "help": "checkpoint directory, cached Hugging Face name or 'minilm' "
+        "help": "checkpoint directory, cached Hugging Face name, 'minilm', or 'bilstm' (the non-BERT baseline) "
                 "(default: bert-base-uncased from the local cache if present, else minilm)"})
     data_dir: str = field(default="data", metadata={"help": "folder holding the CS224N csv files"})
     tasks: str = field(default="sst,para,sts", metadata={"help": f"comma-separated subset of {list(TASKS)}"})
@@ -103,6 +109,11 @@ class TrainConfig:
     eval_batch_size: int = 256
     save_every: int = field(default=0, metadata={"help": "also save the training state every N steps (0 = per epoch)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last state"})
+    mlm_data: str = field(default="sst,para,sts", metadata={"help": "tasks whose train sentences --option mlm reads"})
+    mlm_probability: float = 0.15
+    sweep: list[str] = field(default_factory=list, metadata={
+        "help": "grid of NAME=v1,v2 options, e.g. --sweep lr=1e-5,3e-5 hidden_dropout_prob=0.1,0.3"})
+    seeds: int = field(default=1, metadata={"help": "repeat each run with this many seeds (mean ± std)"})
     sst_train: str | None = None
     sst_dev: str | None = None
     sst_test: str | None = None
@@ -134,6 +145,13 @@ class TrainConfig:
                           self.lora_dropout, self.lora_mode) if self.lora else None
 
 
+def converter(f: dataclasses.Field):
+    """str -> the option's type (for argparse and --sweep values)."""
+    if f.type in (bool, "bool"):
+        return lambda v: v.lower() in ("1", "true", "yes", "on")
+    return f.type if f.type in (int, float) else int if str(f.type) == "int | None" else str
+
+
 def parse_args(argv=None) -> TrainConfig:
     """argparse built from TrainConfig's fields: `--name value`, booleans as `--flag` / `--no-flag`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,8 +160,10 @@ def parse_args(argv=None) -> TrainConfig:
             ("_train", "_dev", "_test")) else None)}
         if f.type in (bool, "bool"):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "sweep":
+            p.add_argument("--sweep", nargs="*", default=[], help=kw["help"])
         else:
-            kind = f.type if f.type in (int, float) else int if str(f.type) == "int | None" else str
+            kind = converter(f)
             if f.metadata.get("choices") and f.default is None:
                 kw["help"] = (kw["help"] or "") + f" (one of {', '.join(f.metadata['choices'])}; default off)"
             p.add_argument(f"--{f.name}", type=kind, choices=f.metadata.get("choices"), **kw)
@@ -157,15 +177,15 @@ def log(run_dir: Path, message: str) -> None:
         f.write(message + "\n")
 
 
-def default_model() -> str:
-    return "bert-base-uncased" if cached_snapshot("bert-base-uncased") else "minilm"
-
-
 def freeze(model: MultitaskBert, option: str, finetune_last: int) -> None:
     """pretrain: the encoder is frozen; --finetune_last N: embeddings and all but the last N layers are."""
-    layers = model.bert.encoder.layer
-    frozen = [model.bert] if option == "pretrain" else \
-        [model.bert.embeddings, *layers[:len(layers) - finetune_last]] if finetune_last else []
+    if option == "pretrain":
+        frozen = [model.bert]
+    elif finetune_last:
+        layers = model.bert.encoder.layer
+        frozen = [model.bert.embeddings, *layers[:len(layers) - finetune_last]]
+    else:
+        frozen = []
     for module in frozen:
         module.requires_grad_(False)
 
@@ -244,8 +264,55 @@ class NonFiniteLoss(RuntimeError):
 
 
 def main(argv=None) -> dict:
-    # ---- args ----------------------------------------------------------------------------------------------------
+    """Parse the options and run: a sweep (--sweep / --seeds), masked-LM pre-training (--option mlm) or
+    multi-task training. Returns the dev metrics of the best checkpoint (of the last run, for a sweep)."""
     args = parse_args(argv)
+    if args.sweep or args.seeds > 1:
+        return sweep(args)
+    return run(args)
+
+
+def run(args: TrainConfig) -> dict:
+    return pretrain_mlm(args) if args.option == "mlm" else finetune(args)
+
+
+def sweep(args: TrainConfig) -> dict:
+    """Every point of the --sweep grid, --seeds times each, one output directory per run; then summary.csv (a row
+    per run) and summary.md (mean ± std per point) in --output_dir."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    axes = []
+    for item in args.sweep:
+        name, _, values = item.partition("=")
+        if name not in fields or not values or name in ("sweep", "seeds", "output_dir"):
+            raise SystemExit(f"error: --sweep {item!r}: expected NAME=v1,v2,... with NAME a train.py option")
+        axes.append([(name, converter(fields[name])(v)) for v in values.split(",")])
+    root, rows = Path(args.output_dir), []
+    for point in itertools.product(*axes):
+        label = ",".join(f"{k}={v}" for k, v in point) or "base"
+        for seed in range(args.seed, args.seed + args.seeds):
+            config = dataclasses.replace(args, **dict(point), seed=seed, sweep=[], seeds=1,
+                                         output_dir=str(root / label / f"seed{seed}"))
+            rows.append({"run": label, "seed": seed, **run(config)})
+    columns = list(rows[0])
+    with open(root / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    metrics = columns[2:]
+    lines = ["| run | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+    for label in dict.fromkeys(r["run"] for r in rows):
+        group = [r for r in rows if r["run"] == label]
+        cells = [f"{statistics.mean(r[m] for r in group):.4f}" + (
+            f" ± {statistics.stdev(r[m] for r in group):.4f}" if len(group) > 1 else "") for m in metrics]
+        lines.append(f"| {label} | {len(group)} | " + " | ".join(cells) + " |")
+    (root / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows[-1]
+
+
+def finetune(args: TrainConfig) -> dict:
+    """Multi-task training of MultitaskBert; returns the best checkpoint's dev metrics."""
+    # ---- args ----------------------------------------------------------------------------------------------------
     device = resolve_device("cuda" if args.use_gpu else args.device)
     if args.amp and device.type != "cuda":
         print("note: --amp (bf16 autocast) applies on CUDA only; training in float32 on the CPU")
@@ -353,7 +420,8 @@ def main(argv=None) -> dict:
         save_train_state(run_dir, model, optimizer, lr_sched, streams, extras, position)
     log(run_dir, f"best checkpoint: {run_dir / 'best'} (overall {position['best']:.4f}); "
                  f"score it with: python evaluate.py {run_dir / 'best'} --data_dir {args.data_dir}")
-    return metrics
+    best = MultitaskBert.checkpoint_metadata(run_dir / "best")
+    return {k: best[k] for k in metrics}
 
 
 def task_loss(model: MultitaskBert, task: str, batch: dict, args, extras: Extras) -> torch.Tensor:
@@ -374,6 +442,85 @@ def task_loss(model: MultitaskBert, task: str, batch: dict, args, extras: Extras
             target = teacher.from_embeddings(task, teacher.bert.embeddings(ids, types), mask, paired)
         loss = loss + args.smart_bregman * bregman_divergence(out, target, kind)
     return loss
+
+
+def pretrain_mlm(args: TrainConfig) -> dict:
+    """Masked-LM further pre-training (Devlin et al. 2019 recipe) on the train sentences of --mlm_data; writes
+    config.json, model.safetensors (`bert.*`, `cls.predictions.*`) and the tokenizer to --output_dir, which
+    --model then accepts. Masked-token accuracy on held-out dev sentences is logged before and after each epoch."""
+    device = resolve_device("cuda" if args.use_gpu else args.device)
+    run_dir = Path(args.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args.model = args.model or default_model()
+    save_json(dataclasses.asdict(args), run_dir / "train_config.json")
+    torch.manual_seed(args.seed)
+    try:
+        model = BertForMaskedLM.from_pretrained(args.model, hidden_dropout_prob=args.hidden_dropout_prob).to(device)
+        tok = Tokenizer.from_pretrained(args.model)
+        sentences = {"train": [], "dev": []}
+        for task in args.mlm_data.split(","):
+            for split in sentences:
+                data = read_split(args, task, split, args.strict, report=lambda m: log(run_dir, m))
+                sentences[split] += data.texts + (data.pairs or [])
+    except (DataError, CheckpointError, KeyError) as err:
+        raise SystemExit(f"error: {err}") from None
+    encoded = {split: EncodedTask(f"mlm-{split}", [str(i) for i in range(len(texts))],
+                                  [tok.encode(texts, max_length=args.max_length)], None, False, tok.pad)
+               for split, texts in (("train", sentences["train"]), ("dev", sentences["dev"][:2000]))}
+    stream = TaskStream(encoded["train"], args.batch_size, seed=args.seed, bucket=args.bucket)
+    steps_per_epoch = args.steps_per_epoch or stream.batches_per_pass
+    optimizer = AdamW(param_groups_for_weight_decay(model, args.weight_decay), lr=args.lr)
+    warmup = int(args.warmup * steps_per_epoch * args.epochs) if args.warmup < 1 else int(args.warmup)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.lr_schedule, warmup, steps_per_epoch * args.epochs))
+    log(run_dir, f"masked-LM pre-training of {args.model} on {len(sentences['train'])} sentences "
+                 f"({args.mlm_data}) | {args.epochs} epoch(s) x {steps_per_epoch} steps")
+
+    def masked(batch: dict, generator: torch.Generator) -> tuple[dict, torch.Tensor]:
+        ids, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], tok.special_ids, tok.mask_token_id,
+                                  tok.vocab_size, args.mlm_probability, generator)
+        return {"input_ids": ids.to(device), "attention_mask": batch["attention_mask"].to(device),
+                "token_type_ids": batch["token_type_ids"].to(device)}, labels.to(device)
+
+    @torch.inference_mode()
+    def heldout_accuracy() -> float:
+        """Accuracy on the same masked dev positions every time (a fixed masking seed)."""
+        model.eval()
+        generator, correct, total = torch.Generator().manual_seed(0), 0, 0
+        for batch in eval_batches(encoded["dev"], args.eval_batch_size):
+            inputs, labels = masked(batch, generator)
+            c, n = masked_lm_accuracy(model(**inputs), labels)
+            correct, total = correct + c, total + n
+        return correct / max(total, 1)
+
+    record = {"epoch": 0, "masked_token_accuracy": heldout_accuracy()}
+    log(run_dir, f"held-out masked-token accuracy before: {record['masked_token_accuracy']:.4f}")
+    mask_generator = torch.Generator().manual_seed(args.seed)
+    for epoch in range(args.epochs):
+        model.train()
+        for _ in tqdm(range(steps_per_epoch), desc=f"mlm epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True):
+            inputs, labels = masked(next(stream), mask_generator)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, args.amp):
+                logits = model(**inputs)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"error: the masked-LM loss is {loss.item()} at epoch {epoch + 1}")
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            lr_sched.step()
+        record = {"epoch": epoch + 1, "loss": loss.item(), "masked_token_accuracy": heldout_accuracy()}
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log(run_dir, f"epoch {epoch + 1}: held-out masked-token accuracy {record['masked_token_accuracy']:.4f}")
+        save_tensors(model.state_dict(), run_dir / "model.safetensors", {"epoch": str(epoch + 1)})
+        save_json({**model.config.to_dict(), "model_type": "bert", "architectures": ["BertForMaskedLM"]},
+                  run_dir / "config.json")
+        tok.save(run_dir)
+    log(run_dir, f"fine-tune it with: python train.py --model {run_dir} --data_dir {args.data_dir}")
+    return record
 
 
 def train_step(model, optimizer, streams, tasks, device, args, extras: Extras) -> tuple[dict, int]:

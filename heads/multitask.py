@@ -12,7 +12,8 @@ from torch import nn
 
 from minbert import BertConfig, BertModel, CheckpointError, Tokenizer
 from minbert.checkpoint import PICKLE_SUFFIXES, save_json, save_tensors
-from minbert.loading import load_checked
+from minbert.bilstm import BiLSTMConfig, BiLSTMEncoder
+from minbert.loading import default_model, load_checked
 from minbert.lora import ADAPTER_PARAMS, LoRAConfig
 from minbert.pals import PALs, PALsConfig
 
@@ -79,7 +80,13 @@ class MultitaskBert(nn.Module):
     def from_pretrained(cls, name_or_path: str, config: HeadConfig | None = None, lora: LoRAConfig | None = None,
                         pals: PALsConfig | None = None, **bert_overrides):
         """A fresh multi-task model on a pre-trained encoder (directory, cached name or 'minilm'); LoRA and PALs
-        optional."""
+        optional. 'bilstm' is the non-BERT baseline: a BiLSTM over trainable embeddings of the same WordPiece vocab."""
+        if str(name_or_path) == "bilstm":
+            if lora or pals:
+                raise ValueError("LoRA and PALs adapt BERT layers; the bilstm baseline has none")
+            tok = Tokenizer.from_pretrained(default_model())
+            encoder = BiLSTMEncoder(BiLSTMConfig(tok.vocab_size, pad_token_id=tok.pad_token_id))
+            return cls(encoder, config or HeadConfig(), tok, "bilstm")
         bert = BertModel.from_pretrained(name_or_path, **bert_overrides)
         return cls(bert, config or HeadConfig(), Tokenizer.from_pretrained(name_or_path), str(name_or_path), lora,
                    pals)
@@ -125,14 +132,21 @@ class MultitaskBert(nn.Module):
         return self.criterion(task, self(task, batch), batch["labels"])
 
     @staticmethod
-    def predictions(task: str, out: torch.Tensor) -> list:
-        """Model outputs -> labels: class index, 0/1 paraphrase, similarity clipped to [0, 5]."""
+    def probabilities(task: str, out: torch.Tensor) -> torch.Tensor:
+        """Model outputs in a space where averaging makes sense (ensembles): class probabilities (B, C),
+        paraphrase probability (B,), similarity score (B,)."""
+        kind, out = TASKS[task][0], out.float()
+        return out.softmax(-1) if kind == "sentiment" else torch.sigmoid(out) if kind == "paraphrase" else out
+
+    @staticmethod
+    def labels(task: str, probabilities: torch.Tensor) -> list:
+        """Probabilities -> labels: class index, 0/1 paraphrase, similarity clipped to [0, 5]."""
         kind = TASKS[task][0]
         if kind == "sentiment":
-            return out.argmax(-1).tolist()
+            return probabilities.argmax(-1).tolist()
         if kind == "paraphrase":
-            return (out > 0).long().tolist()
-        return out.float().clamp(0, 5).tolist()
+            return (probabilities > 0.5).long().tolist()
+        return probabilities.clamp(0, 5).tolist()
 
     # ---- notebook prediction API ------------------------------------------------------------------------------
 
@@ -151,7 +165,8 @@ class MultitaskBert(nn.Module):
                          for k, v in self.tokenizer(part, max_length=max_length).items()}
             else:
                 batch = self.tokenizer(chunk, pchunk, max_length=max_length)
-            results += self.predictions(task, self(task, {k: v.to(device) for k, v in batch.items()}))
+            out = self(task, {k: v.to(device) for k, v in batch.items()})
+            results += self.labels(task, self.probabilities(task, out))
         self.train(was_training)
         return results
 
@@ -174,6 +189,7 @@ class MultitaskBert(nn.Module):
 
     def checkpoint_config(self, adapters_only: bool = False) -> dict:
         return {"format": FORMAT, "base_model": self.base_model, "bert": self.bert.config.to_dict(),
+                "encoder": "bilstm" if isinstance(self.bert, BiLSTMEncoder) else "bert",
                 "heads": dataclasses.asdict(self.config), "lora": self.lora and self.lora.to_dict(),
                 "pals": self.pals_config and self.pals_config.to_dict(),
                 "adapters_only": adapters_only, "base_fingerprint": self.base_fingerprint}
@@ -221,8 +237,10 @@ class MultitaskBert(nn.Module):
                     f"{config['base_fingerprint'][:12]}), but that name now gives other weights "
                     f"({model.base_fingerprint[:12]}); load it on the base model it was trained on")
         else:
-            model = cls(BertModel(BertConfig.from_dict(config["bert"])), heads, Tokenizer.from_pretrained(path),
-                        config["base_model"], lora, pals, config.get("base_fingerprint"))
+            encoder = BiLSTMEncoder(BiLSTMConfig.from_dict(config["bert"])) if config.get("encoder") == "bilstm" \
+                else BertModel(BertConfig.from_dict(config["bert"]))
+            model = cls(encoder, heads, Tokenizer.from_pretrained(path), config["base_model"], lora, pals,
+                        config.get("base_fingerprint"))
         file = path / "model.safetensors"
         with safe_open(file, "pt", device=str(device)) as f:
             saved = {k: f.get_tensor(k) for k in f.keys()}

@@ -56,6 +56,11 @@ def cached_snapshot(name: str) -> Path | None:
     return None
 
 
+def default_model() -> str:
+    """bert-base-uncased when it is in the local Hugging Face cache, else the embedded 'minilm'."""
+    return "bert-base-uncased" if cached_snapshot("bert-base-uncased") else "minilm"
+
+
 def resolve_model_dir(name_or_path: str) -> Path:
     """A directory, 'minilm', or a model name in the local Hugging Face cache -> its directory."""
     name = str(name_or_path)

@@ -231,3 +231,78 @@ def test_methods_train_and_resume_exactly(tiny_model_dir, tiny_data_dir, tmp_pat
     if "--gradnorm" in extra:
         weights = [record[f"gradnorm_w_{t}"] for t in ("sst", "para", "sts")]
         assert sum(weights) == pytest.approx(3.0) and weights != [1.0, 1.0, 1.0]
+
+
+def test_ensembles_average_member_probabilities(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    runs = []
+    for seed in ("1", "2"):
+        train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / seed, "--seed", seed, "--epochs", "1"))
+        runs.append(str(tmp_path / seed / "best"))
+    single = evaluate.main([runs[0], "--data_dir", str(tiny_data_dir), "--output_dir", str(tmp_path / "p1")])
+    assert evaluate.main([runs[0], runs[0], "--data_dir", str(tiny_data_dir), "--output_dir",
+                          str(tmp_path / "p11")]) == single  # an ensemble of one model is that model
+    pair = evaluate.main([*runs, "--data_dir", str(tiny_data_dir), "--output_dir", str(tmp_path / "p12")])
+    out = capsys.readouterr().out
+    assert "| ensemble of 2 |" in out and out.count(runs[0]) >= 1 and out.count(runs[1]) >= 1
+    # by hand: average each member's probabilities, then label
+    from data import encode_dataset, load_split
+    members = [MultitaskBert.from_checkpoint(r) for r in runs]
+    expected = {}
+    for task in ("sst", "para", "sts"):
+        dev = load_split(tiny_data_dir, task, "dev")
+        probs = [evaluate.predict(m, encode_dataset(dev, m.tokenizer, 128, m.config.pair_encoding), 8,
+                                  torch.device("cpu"), progress=False) for m in members]
+        mean = {i: (probs[0][i] + probs[1][i]) / 2 for i in dev.ids}
+        expected[task] = evaluate.labels(task, mean)
+    lines = (tmp_path / "p12" / "sts-dev-output.csv").read_text().splitlines()[1:]
+    written = {line.split(",")[0].strip(): float(line.split(",")[1]) for line in lines}
+    assert written == pytest.approx(expected["sts"], abs=1e-6)
+    lines = (tmp_path / "p12" / "sst-dev-output.csv").read_text().splitlines()[1:]
+    assert {line.split(",")[0].strip(): int(line.split(",")[1]) for line in lines} == expected["sst"]
+    gold = load_split(tiny_data_dir, "para", "dev")
+    acc = sum(expected["para"][i] == y for i, y in zip(gold.ids, gold.labels)) / len(gold)
+    assert pair["para_acc"] == pytest.approx(acc)
+
+
+def test_sweep_writes_one_row_per_run(tiny_model_dir, tiny_data_dir, tmp_path):
+    train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "sweep", "--epochs", "1",
+                        "--sweep", "lr=1e-3,1e-4", "sentiment_head=mlp", "--seeds", "2"))
+    rows = (tmp_path / "sweep" / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("run,seed,sst_acc,para_acc,sts_pearson,overall") and len(rows) == 1 + 2 * 2
+    assert (tmp_path / "sweep" / "lr=0.0001,sentiment_head=mlp" / "seed11712" / "best" / "model.safetensors").is_file()
+    table = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
+    assert len(table) == 2 + 2 and " ± " in table[2]
+    config = json.loads((tmp_path / "sweep" / "lr=0.0001,sentiment_head=mlp" / "seed11711" /
+                         "train_config.json").read_text())
+    assert config["lr"] == 1e-4 and config["sentiment_head"] == "mlp" and config["seed"] == 11711
+    with pytest.raises(SystemExit, match="expected NAME=v1,v2"):
+        train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "bad", "--sweep", "nope=1"))
+
+
+def test_masked_lm_pretraining_improves_and_feeds_finetuning(tiny_model_dir, tiny_data_dir, tmp_path):
+    record = train.main(["--option", "mlm", "--model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir),
+                         "--output_dir", str(tmp_path / "mlm"), "--epochs", "3", "--batch_size", "8", "--lr", "3e-3",
+                         "--hidden_dropout_prob", "0"])
+    log = (tmp_path / "mlm" / "run.log").read_text()
+    before = float(log.split("accuracy before: ")[1].split()[0])
+    assert record["masked_token_accuracy"] > before
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "mlm" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    import minbert
+    mlm = minbert.BertForMaskedLM.from_pretrained(tmp_path / "mlm")  # the head comes back too: no warning
+    assert not torch.equal(mlm.cls.predictions.bias, torch.zeros_like(mlm.cls.predictions.bias))
+    train.main(run_args(tmp_path / "mlm", tiny_data_dir, tmp_path / "ft", "--epochs", "1"))
+    ft = load_file(tmp_path / "ft" / "last" / "model.safetensors")
+    assert ft["bert.embeddings.word_embeddings.weight"].shape == mlm.bert.embeddings.word_embeddings.weight.shape
+
+
+def test_bilstm_baseline_trains_and_reloads(tiny_data_dir, tmp_path):
+    run = tmp_path / "bilstm"
+    train.main(["--model", "bilstm", "--data_dir", str(tiny_data_dir), "--output_dir", str(run), "--epochs", "1",
+                "--steps_per_epoch", "3", "--batch_size", "4", "--lr", "1e-3"])
+    config = json.loads((run / "best" / "config.json").read_text())
+    assert config["encoder"] == "bilstm" and config["bert"]["num_layers"] == 2
+    model = MultitaskBert.from_checkpoint(run / "best")
+    assert type(model.bert).__name__ == "BiLSTMEncoder"
+    scores = evaluate.main([str(run / "best"), "--data_dir", str(tiny_data_dir), "--output_dir", str(tmp_path / "p")])
+    assert set(scores) == {"sst_acc", "para_acc", "sts_pearson", "overall"}
