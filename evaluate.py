@@ -6,7 +6,6 @@ scored one by one and as an ensemble that averages their probabilities (SST, Quo
 """
 import argparse
 import json
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -166,7 +165,8 @@ def main(argv=None) -> dict:
     out_dir = Path(args.output_dir)
     try:
         models = {path: MultitaskBert.from_checkpoint(path, device) for path in args.checkpoints}
-        tasks = [t for t in next(iter(models.values())).config.tasks if all(t in m.config.tasks for m in models.values())]
+        first = next(iter(models.values()))
+        tasks = [t for t in first.config.tasks if all(t in m.config.tasks for m in models.values())]
         dev_sets, test_sets = {t: read_split(args, t, "dev") for t in tasks}, {}
         for task in tasks:
             test_path = Path(getattr(args, f"{task}_test") or split_path(args.data_dir, task, "test"))

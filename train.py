@@ -9,13 +9,14 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -55,20 +56,24 @@ class TrainConfig:
         "help": "optimizer steps per epoch (default: one pass over the largest task; smaller tasks loop)"})
     batch_size: int = field(default=32, metadata={"help": "batch size of each task"})
     lr: float = 5e-5
+    head_lr: float | None = field(default=None, metadata={
+        "help": "learning rate of the randomly initialised heads, pooling and streams (default: --lr)"})
     weight_decay: float = 0.01
-    lr_schedule: str = field(default="linear", metadata={"choices": ("constant", "linear", "cosine")})
-    warmup: float = field(default=0.1, metadata={"help": "warm-up: a fraction of all steps (< 1) or a step count"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+    lr_schedule: str = field(default="constant", metadata={"choices": ("constant", "linear", "cosine")})
+    warmup: float = field(default=0.0, metadata={"help": "warm-up: a fraction of all steps (< 1) or a step count"})
+    grad_clip: float = field(default=0.0, metadata={"help": "max gradient norm (0 = off)"})
     hidden_dropout_prob: float = 0.1
     max_length: int = 128
     scheduler: str = field(default="all", metadata={"choices": SCHEDULERS, "help": "task scheduling per step"})
     pcgrad: bool = field(default=False, metadata={
         "help": "combine the task gradients on shared parameters with PCGrad (Yu et al. 2020); needs --scheduler all"})
-    gradnorm: bool = field(default=False, metadata={"help": "learn task loss weights with GradNorm (Chen et al. 2018)"})
+    gradnorm: bool = field(default=False, metadata={
+        "help": "learn task loss weights with GradNorm (Chen et al. 2018)"})
     gradnorm_alpha: float = 1.5
     gradnorm_layer: str = field(default="last", metadata={
         "choices": ("last", "pooler"), "help": "shared layer whose gradient norms GradNorm balances"})
-    smart: bool = field(default=False, metadata={"help": "SMART adversarial smoothness regulariser (Jiang et al. 2020)"})
+    smart: bool = field(default=False, metadata={
+        "help": "SMART adversarial smoothness regulariser (Jiang et al. 2020)"})
     smart_lambda: float = field(default=1.0, metadata={"help": "weight λ of the SMART term"})
     smart_noise: float = field(default=1e-5, metadata={"help": "σ of the initial Gaussian perturbation"})
     smart_eps: float = field(default=1e-3, metadata={"help": "radius ε of the (L∞) perturbation ball"})
@@ -83,11 +88,12 @@ class TrainConfig:
     pair_encoding: str = field(default="bi", metadata={"choices": ("bi", "cross")})
     sentiment_head: str = field(default="linear", metadata={"choices": SENTIMENT_HEADS})
     para_head: str = field(default="features", metadata={"choices": PAIR_HEADS})
-    sts_head: str = field(default="cosine", metadata={"choices": PAIR_HEADS})
+    sts_head: str = field(default="cosine_relu", metadata={"choices": PAIR_HEADS})
     multi_stream: int = field(default=0, metadata={"help": "width of shared + task-specific streams (0 = off)"})
     lora: int = field(default=0, metadata={"help": "LoRA rank r (0 = no adapters)"})
     lora_alpha: float = 16
-    lora_targets: str = field(default="query,value", metadata={"help": "Linear names to adapt, e.g. query,key,value,dense"})
+    lora_targets: str = field(default="query,value", metadata={
+        "help": "Linear names to adapt, e.g. query,key,value,dense"})
     lora_variant: str = field(default="lora", metadata={"choices": ("lora", "rslora", "dora")})
     lora_mode: str = field(default="lll", metadata={"choices": ("lll", "fm"),
                            "help": "lll: only adapters and heads train; fm: all but the adapted base weights"})
@@ -95,12 +101,16 @@ class TrainConfig:
     save_adapters_only: bool = field(default=False, metadata={
         "help": "checkpoints hold only what training changed (adapters, heads) plus a reference to --model"})
     pals: str | None = field(default=None, metadata={
-        "choices": ("pal", "lowrank", "mixed"), "help": "task-specific layers parallel to BERT's (Stickland & Murray 2019)"})
+        "choices": ("pal", "lowrank", "mixed"),
+        "help": "task-specific layers parallel to BERT's (Stickland & Murray 2019)"})
     pals_dim: int | None = field(default=None, metadata={"help": "d_s (default 204 for pal, 100 for lowrank)"})
     pals_share_ve_vd: bool = field(default=False, metadata={"help": "one V_E/V_D per task for all layers"})
     pals_share_attention: bool = field(default=False, metadata={"help": "one PAL attention per task for all layers"})
-    pals_aa: bool = field(default=False, metadata={"help": "alternative placement: add TS(h) after the layer's LayerNorm"})
+    pals_aa: bool = field(default=False, metadata={
+        "help": "alternative placement: add TS(h) after the layer's LayerNorm"})
     bucket: bool = field(default=True, metadata={"help": "length-bucketed ('sortish') training batches"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the encoder (dynamic shapes; checkpoints keep their keys)"})
     strict: bool = field(default=False, metadata={"help": "broken data rows are fatal instead of skipped"})
     seed: int = 11711
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
@@ -149,7 +159,7 @@ def converter(f: dataclasses.Field):
     """str -> the option's type (for argparse and --sweep values)."""
     if f.type in (bool, "bool"):
         return lambda v: v.lower() in ("1", "true", "yes", "on")
-    return f.type if f.type in (int, float) else int if str(f.type) == "int | None" else str
+    return f.type if f.type in (int, float) else {"int | None": int, "float | None": float}.get(str(f.type), str)
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -170,11 +180,26 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
+RANK = int(os.environ.get("RANK", 0))  # set by torchrun; only rank 0 logs, evaluates and saves
+
+
 def log(run_dir: Path, message: str) -> None:
-    """Print and append to run.log."""
+    """Print and append to run.log (rank 0 only)."""
+    if RANK:
+        return
     print(message)
     with open(run_dir / "run.log", "a") as f:
         f.write(message + "\n")
+
+
+def optimizer_groups(model: MultitaskBert, args: TrainConfig) -> list[dict]:
+    """AdamW groups without weight decay on biases and LayerNorm; the new parts (heads, pooling, streams) at
+    --head_lr, the pre-trained encoder and any adapters at --lr."""
+    new = torch.nn.ModuleList(m for name, m in model.named_children() if name not in ("bert", "pals"))
+    old = torch.nn.ModuleList(m for name, m in model.named_children() if name in ("bert", "pals"))
+    groups = [{**g, "lr": lr} for part, lr in ((old, args.lr), (new, args.head_lr or args.lr))
+              for g in param_groups_for_weight_decay(part, args.weight_decay)]
+    return [g for g in groups if g["params"]]
 
 
 def freeze(model: MultitaskBert, option: str, finetune_last: int) -> None:
@@ -190,14 +215,60 @@ def freeze(model: MultitaskBert, option: str, finetune_last: int) -> None:
         module.requires_grad_(False)
 
 
+# ---- data parallelism under torchrun ------------------------------------------------------------------------------
+
+@dataclass
+class DataParallel:
+    """Ranks of a torchrun job (gloo on CPU, NCCL on CUDA). Every rank draws the same global batch and keeps its
+    rows; gradients are all-reduced by hand after each backward pass rather than by DistributedDataParallel, whose
+    reducer expects one forward per backward (SMART and GradNorm run several)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> "DataParallel":
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            return cls()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def broadcast(self, model: torch.nn.Module) -> None:
+        """Rank 0's weights everywhere (heads are initialised randomly)."""
+        if self.world > 1:
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, 0)
+
+    def all_reduce_gradients(self, params: list[torch.Tensor]) -> None:
+        """Mean of the ranks' gradients; a parameter with no gradient on any rank keeps None (AdamW skips it)."""
+        if self.world == 1:
+            return
+        present = torch.tensor([float(p.grad is not None) for p in params])
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)
+        params = [p for p, seen in zip(params, present.tolist()) if seen]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.div_(self.world).split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (GradNorm's gradient norms and losses)."""
+        if self.world > 1:
+            dist.all_reduce(x)
+            x = x / self.world
+        return x
+
+
 # ---- training state: everything --resume needs to continue exactly ----------------------------------------------
 
 @dataclass
 class Extras:
-    """Optional learned state beside the model: GradNorm's task weights, SMART's EMA teacher."""
+    """Optional state beside the model: GradNorm's task weights, SMART's EMA teacher, PCGrad's shuffling RNG
+    (its own, so every rank projects in the same order)."""
 
     gradnorm: GradNorm | None = None
     teacher: EMATeacher | None = None
+    pcgrad_generator: torch.Generator | None = None
 
 
 def optimizer_tensors(prefix: str, state_dict: dict) -> dict:
@@ -232,6 +303,8 @@ def save_train_state(run_dir: Path, model, optimizer, lr_sched, streams, extras:
         meta["gradnorm_param_groups"] = gn["optimizer"]["param_groups"]
     if extras.teacher:
         tensors.update({f"teacher.{k}": v for k, v in extras.teacher.model.state_dict().items()})
+    if extras.pcgrad_generator:
+        tensors["rng.pcgrad"] = extras.pcgrad_generator.get_state()
     save_tensors(tensors, run_dir / "train_state.safetensors")
     save_json(meta, run_dir / "train_state.json")
 
@@ -253,6 +326,8 @@ def load_train_state(run_dir: Path, model, optimizer, lr_sched, streams, extras:
     if extras.teacher:
         extras.teacher.model.load_state_dict({k[len("teacher."):]: v for k, v in tensors.items()
                                               if k.startswith("teacher.")})
+    if extras.pcgrad_generator:
+        extras.pcgrad_generator.set_state(tensors["rng.pcgrad"])
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -314,6 +389,10 @@ def finetune(args: TrainConfig) -> dict:
     """Multi-task training of MultitaskBert; returns the best checkpoint's dev metrics."""
     # ---- args ----------------------------------------------------------------------------------------------------
     device = resolve_device("cuda" if args.use_gpu else args.device)
+    ddp = DataParallel.from_env(device)
+    if device.type == "cuda" and ddp.world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if args.amp and device.type != "cuda":
         print("note: --amp (bf16 autocast) applies on CUDA only; training in float32 on the CPU")
     run_dir = Path(args.output_dir)
@@ -328,9 +407,11 @@ def finetune(args: TrainConfig) -> dict:
         raise SystemExit(f"error: --gradnorm_layer pooler needs --pooling pooler (with --pooling {args.pooling} "
                          "the pooler is not in the graph); use --gradnorm_layer last")
     args.model = args.model or default_model()
-    save_json(dataclasses.asdict(args), run_dir / "train_config.json")
+    if ddp.rank == 0:
+        save_json(dataclasses.asdict(args), run_dir / "train_config.json")
     torch.manual_seed(args.seed)
-    log(run_dir, f"model {args.model} | device {device} | tasks {args.tasks} | output {run_dir}")
+    log(run_dir, f"model {args.model} | device {device} x {ddp.world} process(es) | tasks {args.tasks} | "
+                 f"output {run_dir}")
 
     try:
         # ---- model ---------------------------------------------------------------------------------------------
@@ -346,8 +427,12 @@ def finetune(args: TrainConfig) -> dict:
             log(run_dir, f"{task}: {len(train[task])} train / {len(dev[task])} dev rows")
     except (DataError, CheckpointError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    streams = {t: TaskStream(train[t], args.batch_size, seed=args.seed + i, bucket=args.bucket)
-               for i, t in enumerate(args.task_list)}
+    ddp.broadcast(model)
+    if args.compile:
+        model.bert.compile(dynamic=True)
+    torch.manual_seed(args.seed + ddp.rank)  # the ranks draw different dropout masks
+    streams = {t: TaskStream(train[t], args.batch_size, seed=args.seed + i, bucket=args.bucket,
+                             shard=(ddp.rank, ddp.world)) for i, t in enumerate(args.task_list)}
     sampler = None if args.scheduler == "all" else TaskSampler(
         {t: len(train[t]) for t in args.task_list}, args.scheduler, batch_size=args.batch_size,
         num_epochs=args.epochs, order=args.task_order.split(",") if args.task_order else None, seed=args.seed)
@@ -356,11 +441,12 @@ def finetune(args: TrainConfig) -> dict:
     total_steps = steps_per_epoch * args.epochs
 
     # ---- optimizer -------------------------------------------------------------------------------------------------
-    optimizer = AdamW(param_groups_for_weight_decay(model, args.weight_decay), lr=args.lr)
+    optimizer = AdamW(optimizer_groups(model, args), lr=args.lr)
     warmup = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_schedule, warmup, total_steps))
     extras = Extras(GradNorm(args.task_list, args.gradnorm_alpha) if args.gradnorm else None,
-                    EMATeacher(model) if args.smart and args.smart_bregman else None)
+                    EMATeacher(model) if args.smart and args.smart_bregman else None,
+                    torch.Generator().manual_seed(args.seed) if args.pcgrad else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(run_dir, f"{trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters | "
                  f"{args.epochs} epoch(s) x {steps_per_epoch} steps | scheduler {args.scheduler}")
@@ -376,14 +462,14 @@ def finetune(args: TrainConfig) -> dict:
         plan = sampler.schedule(epoch + 1) if sampler else None
         model.train()
         bar = tqdm(range(position["step"], steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   initial=position["step"], total=steps_per_epoch, dynamic_ncols=True)
+                   initial=position["step"], total=steps_per_epoch, dynamic_ncols=True, disable=ddp.rank > 0)
         steps_per_task = {t: sum(plan[s % len(plan)] == t for s in range(steps_per_epoch)) if plan else
                           steps_per_epoch for t in args.task_list}
         tokens, started = 0, time.perf_counter()
         for step in bar:
             tasks = [plan[step % len(plan)]] if plan else args.task_list
             try:
-                losses, n = train_step(model, optimizer, streams, tasks, device, args, extras)
+                losses, n = train_step(model, optimizer, streams, tasks, device, args, extras, ddp)
             except NonFiniteLoss as err:
                 best = run_dir / "best"
                 log(run_dir, f"error: {err} at epoch {epoch + 1} step {step + 1}; training stopped. The last good "
@@ -397,10 +483,13 @@ def finetune(args: TrainConfig) -> dict:
                 if extras.gradnorm else {}
             bar.set_postfix({**{t: f"{v:.3f}" for t, v in losses.items()}, **weights,
                              "tok/s": f"{tokens / (time.perf_counter() - started):.0f}"})
-            if args.save_every and position["global_step"] % args.save_every == 0:
+            if args.save_every and position["global_step"] % args.save_every == 0 and ddp.rank == 0:
                 save_train_state(run_dir, model, optimizer, lr_sched, streams, extras, position)
         bar.close()
         train_seconds = time.perf_counter() - started
+        position.update(epoch=epoch + 1, step=0)
+        if ddp.rank > 0:
+            continue
 
         # ---- eval and checkpoint -----------------------------------------------------------------------------------
         metrics, _ = evaluate_model(model, dev, args.eval_batch_size, device, args.amp)
@@ -416,8 +505,12 @@ def finetune(args: TrainConfig) -> dict:
         log(run_dir, f"epoch {epoch + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             + (" (best, saved)" if is_best else "") + f" | batches per task {steps_per_task}"
             + (f" | GradNorm weights {extras.gradnorm.weights.tolist()}" if extras.gradnorm else ""))
-        position.update(epoch=epoch + 1, step=0)
         save_train_state(run_dir, model, optimizer, lr_sched, streams, extras, position)
+    if ddp.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if ddp.rank > 0:
+        return {}
     log(run_dir, f"best checkpoint: {run_dir / 'best'} (overall {position['best']:.4f}); "
                  f"score it with: python evaluate.py {run_dir / 'best'} --data_dir {args.data_dir}")
     best = MultitaskBert.checkpoint_metadata(run_dir / "best")
@@ -523,30 +616,39 @@ def pretrain_mlm(args: TrainConfig) -> dict:
     return record
 
 
-def train_step(model, optimizer, streams, tasks, device, args, extras: Extras) -> tuple[dict, int]:
+def train_step(model, optimizer, streams, tasks, device, args, extras: Extras,
+               ddp: DataParallel = DataParallel()) -> tuple[dict, int]:
     """One optimizer step on `grad_accum` batches of each task in `tasks`. By default one backward per task (only
     one task's graph alive at a time) and the task gradients summed; --pcgrad combines them on the shared
     parameters with PCGrad while each head keeps its own; --gradnorm backpropagates Σ w_i L_i with learned w.
     Returns the task losses and the non-pad tokens seen."""
     optimizer.zero_grad(set_to_none=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     shared = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("heads.", "streams."))]
     losses, tokens, task_grads = dict.fromkeys(tasks, 0.0), 0, []
 
     def draw(task: str) -> torch.Tensor:
+        """This rank's loss on its rows of the next batch, weighted so the mean over ranks is the global mean."""
         nonlocal tokens
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(streams[task]).items() if torch.is_tensor(v)}
+        batch = next(streams[task])
+        if not batch["ids"]:  # a global batch smaller than the number of ranks left this one no rows
+            return torch.zeros((), device=device)
+        weight = batch["share"] * ddp.world / args.grad_accum
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
         tokens += sum(int(v.sum()) for k, v in batch.items() if k.startswith("attention_mask"))
         with autocast(device, args.amp):
-            loss = task_loss(model, task, batch, args, extras) / args.grad_accum
+            loss = task_loss(model, task, batch, args, extras) * weight
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"the {task} loss is {loss.item()}")
         losses[task] += loss.item()
         return loss
 
     if extras.gradnorm:  # every task's graph at once: GradNorm needs all gradient norms on the shared layer
-        layer = model.bert.pooler.dense if args.gradnorm_layer == "pooler" else model.bert.encoder.layer[-1].output.dense
+        layer = model.bert.pooler.dense if args.gradnorm_layer == "pooler" else \
+            model.bert.encoder.layer[-1].output.dense
+        weights = [p for p in layer.parameters() if p.requires_grad]
         for _ in range(args.grad_accum):
-            extras.gradnorm.step([draw(t) for t in tasks], [p for p in layer.parameters() if p.requires_grad]).backward()
+            extras.gradnorm.step([draw(t) for t in tasks], weights, reduce=ddp.mean).backward()
     else:
         for task in tasks:
             for _ in range(args.grad_accum):
@@ -554,12 +656,15 @@ def train_step(model, optimizer, streams, tasks, device, args, extras: Extras) -
                 if loss.requires_grad:  # False for a parameter-free head (cosine) on a frozen encoder
                     loss.backward()
             if args.pcgrad:  # move this task's shared gradients aside; the next backward starts from zero
+                ddp.all_reduce_gradients(trainable)  # PCGrad projects the gradients of the global batch
                 task_grads.append([p.grad for p in shared])
                 for p in shared:
                     p.grad = None
-    if args.pcgrad:  # random projection order from the global RNG: seeded, and restored by --resume
-        for p, g in zip(shared, pcgrad(task_grads)):
+    if args.pcgrad:  # random projection order from its own seeded RNG, the same on every rank
+        for p, g in zip(shared, pcgrad(task_grads, generator=extras.pcgrad_generator)):
             p.grad = g
+    else:
+        ddp.all_reduce_gradients(trainable)
     if args.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     optimizer.step()

@@ -20,9 +20,9 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import minbert  # noqa: E402
-from data.readers import load_split  # noqa: E402
-from minbert.loading import load_checked, minilm_dir, rename_keys  # noqa: E402
+import minbert
+from data.readers import load_split
+from minbert.loading import load_checked, minilm_dir, rename_keys
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -145,7 +145,7 @@ def probe_memory(args, name: str, impl: str, mode: str, device: torch.device) ->
     command = [sys.executable, __file__, "--_probe", f"{name}:{impl}:{mode}:{device.type}",
                "--data_dir", args.data_dir, "--batches", str(args.batches), "--batch_size", str(args.batch_size),
                "--seed", str(args.seed), "--threads", str(torch.get_num_threads())]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"memory probe {name}/{impl}/{mode} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
@@ -164,12 +164,14 @@ def model_flops(model: minbert.BertModel, batches: list[dict], mode: str) -> flo
 
 def machine_info(devices: list[torch.device]) -> str:
     """CPU model, cores, threads, library versions, GPU, date: one line."""
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                platform.processor() or "unknown CPU")
     gpu = [torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"]
     return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
             + (f", GPU {gpu[0]}" if gpu else "")
-            + f"; torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
+            + f"; torch {torch.__version__}, transformers {transformers.__version__}"
+            + f", Python {platform.python_version()}"
             + f"; {datetime.date.today().isoformat()}")
 
 
@@ -199,17 +201,18 @@ def benchmark(args, device: torch.device, name: str, batches: list[dict]) -> lis
         seconds = compare({impl: make_step(models[impl], mode, device) for impl in IMPLS},
                           batches, device, args.repeats, args.warmup)
         rate = {impl: statistics.median(tokens / s for s in seconds[impl]) for impl in IMPLS}
-        ratio = statistics.median(t / m for m, t in zip(seconds["minbert"], seconds["transformers"]))
-        row = [device.type, name, mode, f"{rate['minbert']:,.0f}", f"{rate['transformers']:,.0f}", f"{ratio:.2f}"]
+        ratios = [t / m for m, t in zip(seconds["minbert"], seconds["transformers"])]
+        row = [device.type, name, mode, f"{rate['minbert']:,.0f}", f"{rate['transformers']:,.0f}",
+               f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"]
         if not args.no_memory:
             peaks = [probe_memory(args, name, impl, mode, device) for impl in IMPLS]
             row += ["n/a" if p is None else f"{p:,.0f}" for p in peaks]
         if args.mfu:
             flops = model_flops(models["minbert"], batches, mode)
             row += [f"{100 * flops / statistics.median(seconds[impl]) / (args.peak_tflops * 1e12):.1f}%"
-                    if device.type == "cuda" else "" for impl in IMPLS]
+                    if device.type == "cuda" else "n/a" for impl in IMPLS]
         rows.append(row)
-        print("  ".join(row), file=sys.stderr, flush=True)  # progress
+        print("# done:", "  ".join(row), file=sys.stderr, flush=True)  # progress; the table comes at the end
     del models
     gc.collect()
     return rows
@@ -240,16 +243,16 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
     batches = sample_batches(args.data_dir, args.batches, args.batch_size, args.seed)
     if args._probe:
         name, impl, mode, device = args._probe.split(":")
         print(json.dumps(peak_memory_mib(name, impl, mode, torch.device(device), batches, args.seed)))
         return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available")
     devices = [torch.device(d) for d in (["cpu", "cuda"] if args.device == "auto" else [args.device])
                if d == "cpu" or torch.cuda.is_available()]
-    header = ["device", "model", "mode", "minbert tok/s", "transformers tok/s", "ratio"]
+    header = ["device", "model", "mode", "minbert tok/s", "transformers tok/s", "ratio (min-max)"]
     header += [] if args.no_memory else ["minbert peak MiB", "transformers peak MiB"]
     header += ["minbert MFU", "transformers MFU"] if args.mfu else []
     rows = [row for device in devices for name in args.models.split(",") for row in
@@ -258,11 +261,15 @@ def main(argv=None):
     padded = sum(b["input_ids"].numel() for b in batches)
     print(render(header, rows, args.markdown))
     print()
-    print(f"{len(batches)} batches x {args.batch_size} sentences from SST/Quora/STS train (seed {args.seed}): "
-          f"{int(lengths.sum())} tokens ({100 * lengths.sum().item() / padded:.0f}% of padded), length "
-          f"median {int(lengths.median())}, max {int(lengths.max())}; {args.repeats} interleaved repeats after "
-          f"{args.warmup} warm-up, medians; ratio = minbert / transformers tokens/s; CUDA uses bf16 autocast; "
-          f"peak = memory above loaded weights and batches, fresh process per cell")
+    sample = (f"{len(batches)} batches x {args.batch_size} sentences from SST/Quora/STS train (seed {args.seed}): "
+              f"{int(lengths.sum())} tokens ({100 * lengths.sum().item() / padded:.0f}% of padded), length median "
+              f"{int(lengths.median())}, max {int(lengths.max())}")
+    notes = [sample, f"medians of {args.repeats} interleaved repeats after {args.warmup} warm-up",
+             "ratio = minbert / transformers tokens/s per repeat, median (range)",
+             "CPU fp32, CUDA bf16 autocast"]
+    notes += [] if args.no_memory else ["peak = memory above loaded weights and batches, fresh process per cell"]
+    notes += [f"MFU against {args.peak_tflops:g} TFLOP/s, PaLM FLOPs 6N + 12LdT per token"] if args.mfu else []
+    print("; ".join(notes) + ".")
     print(f"Machine: {machine_info(devices)}")
 
 

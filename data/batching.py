@@ -88,6 +88,7 @@ class TaskStream:
     bucket: bool = False
     pass_index: int = 0
     position: int = 0
+    shard: tuple[int, int] = (0, 1)  # (rank, world size): each rank collates its rows of every global batch
     _plan: list[list[int]] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -111,7 +112,11 @@ class TaskStream:
             self.pass_index, self.position = self.pass_index + 1, 0
             self._plan = self._make_plan()
         self.position += 1
-        return collate(self.encoded, self._plan[self.position - 1])
+        rows = self._plan[self.position - 1]
+        rank, world = self.shard
+        batch = collate(self.encoded, rows[rank::world])
+        batch["share"] = len(rows[rank::world]) / len(rows)  # this rank's fraction of the global batch
+        return batch
 
     next = __next__
 

@@ -32,7 +32,7 @@ class HeadConfig:
     pair_encoding: str = "bi"  # bi (siamese: each sentence alone) | cross ([CLS] a [SEP] b [SEP])
     sentiment_head: str = "linear"  # linear | mlp
     para_head: str = "features"  # bi: features | concat | difference | cosine_logit; cross: linear
-    sts_head: str = "cosine"  # bi: cosine | cosine_relu | dot | features | concat | difference; cross: linear
+    sts_head: str = "cosine_relu"  # bi: cosine_relu | cosine | dot | features | concat | difference; cross: linear
     multi_stream: int = 0  # width of the shared and task-specific streams (0 = off)
     dropout: float = 0.1
 
@@ -100,8 +100,9 @@ class MultitaskBert(nn.Module):
         if "input_ids_1" not in batch:  # one sentence, or a cross-encoded pair
             return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], False
         T = max(batch["input_ids_1"].shape[1], batch["input_ids_2"].shape[1])
-        ids, mask, types = (torch.cat([F.pad(batch[f"{key}_{side}"], (0, T - batch[f"{key}_{side}"].shape[1]))
-                                       for side in (1, 2)]) for key in ("input_ids", "attention_mask", "token_type_ids"))
+        pad = lambda x: F.pad(x, (0, T - x.shape[1]))  # noqa: E731
+        ids, mask, types = (torch.cat([pad(batch[f"{key}_1"]), pad(batch[f"{key}_2"])])
+                            for key in ("input_ids", "attention_mask", "token_type_ids"))
         return ids, mask, types, True
 
     def from_embeddings(self, task: str, embeddings: torch.Tensor, attention_mask: torch.Tensor,

@@ -24,6 +24,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     attn_implementation: str = "sdpa"  # "sdpa" (fast path) or "eager" (explicit reference path)
+    unpad: bool = True  # token-wise layers skip padding tokens (outputs at padded positions are then 0)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:

@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import BertSelfAttention
+from .attention import BertSelfAttention, Unpadded
 from .config import BertConfig
 
-# A layer-parallel adapter (PALs, Stickland & Murray 2019): adapter(layer_index, h, mask) -> TS(h) (B, T, H), added
-# to the layer's last residual inside its LayerNorm, or after it when adapter.after_norm is True.
-Adapter = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# A layer-parallel adapter (PALs, Stickland & Murray 2019): adapter(layer_index, h, mask, layout) -> TS(h), h's
+# shape, added to the layer's last residual inside its LayerNorm, or after it when adapter.after_norm is True.
+Adapter = Callable[[int, torch.Tensor, torch.Tensor | None, Unpadded | None], torch.Tensor]
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact erf form, as in the original BERT
@@ -41,8 +41,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertOutput(config.hidden_size, config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, mask), x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, layout: Unpadded | None = None) -> torch.Tensor:
+        return self.output(self.self(x, mask, layout), x)
 
 
 class BertIntermediate(nn.Module):
@@ -65,9 +65,10 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config.intermediate_size, config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, ts: torch.Tensor | None = None,
-                ts_after_norm: bool = False) -> torch.Tensor:
-        """LN(a + FFN(a)) with a = LN(x + SA(x)); a task-specific TS(x) joins inside the last LN, or after it."""
-        a = self.attention(x, mask)
+                ts_after_norm: bool = False, layout: Unpadded | None = None) -> torch.Tensor:
+        """LN(a + FFN(a)) with a = LN(x + SA(x)); a task-specific TS(x) joins inside the last LN, or after it.
+        x is (B, T, H), or the real tokens (N, H) of `layout`."""
+        a = self.attention(x, mask, layout)
         if ts is None:
             return self.output(self.intermediate(a), a)
         if ts_after_norm:
@@ -80,8 +81,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, adapter: Adapter | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, adapter: Adapter | None = None,
+                layout: Unpadded | None = None) -> torch.Tensor:
         for i, layer in enumerate(self.layer):
-            ts = None if adapter is None else adapter(i, x, mask)
-            x = layer(x, mask, ts, getattr(adapter, "after_norm", False))
+            ts = None if adapter is None else adapter(i, x, mask, layout)
+            x = layer(x, mask, ts, getattr(adapter, "after_norm", False), layout)
         return x

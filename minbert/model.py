@@ -2,6 +2,7 @@
 import torch
 from torch import nn
 
+from .attention import Unpadded
 from .config import BertConfig
 from .embeddings import BertEmbeddings
 from .layers import ACTIVATIONS, Adapter, BertEncoder
@@ -62,8 +63,15 @@ class BertModel(nn.Module):
                adapter: Adapter | None = None) -> dict:
         """Run encoder and pooler on embedding-layer output (B, T, H); SMART perturbs that input, and a
         layer-parallel `adapter` (PALs) adds its task-specific term in every layer."""
-        mask = None if attention_mask is None else additive_mask(attention_mask, compute_dtype(embedding_output))
-        h = self.encoder(embedding_output, mask, adapter)
+        if attention_mask is None:
+            h = self.encoder(embedding_output, None, adapter)
+            return {"last_hidden_state": h, "pooler_output": self.pooler(h)}
+        mask = additive_mask(attention_mask, compute_dtype(embedding_output))
+        layout = Unpadded(attention_mask) if self.config.unpad else None  # token-wise layers skip the padding
+        if layout is None or len(layout.index) == attention_mask.numel():
+            h = self.encoder(embedding_output, mask, adapter)
+        else:
+            h = layout.pad(self.encoder(layout.unpad(embedding_output), mask, adapter, layout))  # (B, T, H)
         return {"last_hidden_state": h, "pooler_output": self.pooler(h)}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import BertSelfAttention
+from .attention import BertSelfAttention, Unpadded
 from .config import BertConfig
 from .model import init_weights
 
@@ -88,11 +88,12 @@ class TaskPALs(nn.Module):
             for d in attn_dims)
         self.apply(lambda m: init_weights(m, bert_config.initializer_range))
 
-    def forward(self, i: int, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Layer i's TS on its input h (B, T, H); mask additive (B, 1, 1, T) or None -> (B, T, H)."""
+    def forward(self, i: int, h: torch.Tensor, mask: torch.Tensor | None, layout: Unpadded | None = None):
+        """Layer i's TS on its input h (B, T, H), or the real tokens (N, H) of `layout`; mask additive
+        (B, 1, 1, T) or None. Returns h's shape."""
         z = self.ve[self.proj_slot[i]](h)  # (B, T, d_s)
         if self.attn_slot[i] is not None:
-            z = self.attn[self.attn_slot[i]](z, mask)  # g = MH(z), (B, T, d_s)
+            z = self.attn[self.attn_slot[i]](z, mask, layout)  # g = MH(z), (B, T, d_s)
         return self.vd[self.proj_slot[i]](z)
 
 

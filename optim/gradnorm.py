@@ -1,7 +1,7 @@
 """GradNorm: adaptive loss weights that balance per-task gradient norms (Chen et al. 2018, "GradNorm", Alg. 1)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -25,19 +25,22 @@ class GradNorm:
         """Current w_i, detached (k,)."""
         return self.w.detach().clone()
 
-    def step(self, losses: Sequence[Tensor], shared_params: Sequence[Tensor]) -> Tensor:
+    def step(self, losses: Sequence[Tensor], shared_params: Sequence[Tensor],
+             reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Update w with one Adam step on L_grad and return Σ w_i L_i (w detached, the weights before this update)
-        for the model's backward.  ``losses[i]`` is task i's scalar loss (with graph), in ``tasks`` order.
+        for the model's backward.  ``losses[i]`` is task i's scalar loss (with graph), in ``tasks`` order; under data
+        parallelism ``reduce`` averages gradients and losses over the ranks so every rank learns the same w.
         """
         if len(losses) != len(self.tasks):
             raise ValueError(f"expected {len(self.tasks)} losses, got {len(losses)}")
         weights = self.weights
+        reduce = reduce or (lambda x: x)
         norms = torch.stack([  # (k,) ‖∇_W L_i‖₂; retain_graph so the caller can still backward the total
-            torch.linalg.vector_norm(torch.cat([
-                g.reshape(-1).float() for g in torch.autograd.grad(loss, shared_params, retain_graph=True)]))
+            torch.linalg.vector_norm(reduce(torch.cat([
+                g.reshape(-1).float() for g in torch.autograd.grad(loss, shared_params, retain_graph=True)])))
             for loss in losses
         ]).cpu()
-        current = torch.stack([loss.detach().float() for loss in losses]).cpu()  # (k,) L_i(t)
+        current = reduce(torch.stack([loss.detach().float() for loss in losses])).cpu()  # (k,) L_i(t)
         if self.initial_losses is None:
             self.initial_losses = current.clone()
 

@@ -1,6 +1,5 @@
 """Every checkpoint layout the loader accepts, against transformers, and every error path's message."""
 import json
-import shutil
 
 import pytest
 import torch

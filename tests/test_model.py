@@ -132,3 +132,22 @@ def test_minilm_matches_transformers_and_sentence_embeddings(minilm_dir):
     e = torch.nn.functional.normalize(ours, dim=-1)
     e2 = model(**tok(["Someone plays the guitar."]))["last_hidden_state"].mean(1)
     assert cos(e2, e[0:1]) > cos(e2, e[1:2])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_unpadded_path_equals_the_padded_path_with_gradients(implementation):
+    torch.manual_seed(4)
+    configs = [minbert.BertConfig(**{**TINY, "attn_implementation": implementation, "unpad": u}) for u in (True, False)]
+    fast, padded = minbert.BertModel(configs[0]), minbert.BertModel(configs[1])
+    padded.load_state_dict(fast.state_dict())
+    batch = random_batch(TINY["vocab_size"], B=3, T=13)
+    keep = batch["attention_mask"].bool()
+    outs = []
+    for model in (fast, padded):
+        out = model(**batch)
+        (out["last_hidden_state"][keep].pow(2).sum() + out["pooler_output"].sum()).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0]["last_hidden_state"][keep], outs[1]["last_hidden_state"][keep])
+    assert torch.all(outs[0]["last_hidden_state"][~keep] == 0)  # padding positions are skipped, left at 0
+    for (name, p), q in zip(fast.named_parameters(), padded.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
