@@ -631,9 +631,10 @@ def train_step(model, optimizer, streams, tasks, device, args, extras: Extras,
         """This rank's loss on its rows of the next batch, weighted so the mean over ranks is the global mean."""
         nonlocal tokens
         batch = next(streams[task])
-        if not batch["ids"]:  # a global batch smaller than the number of ranks left this one no rows
+        share = batch.get("share", 1.0)  # this rank's fraction of the global batch
+        if share == 0:  # a global batch smaller than the number of ranks left this one no rows
             return torch.zeros((), device=device)
-        weight = batch["share"] * ddp.world / args.grad_accum
+        weight = share * ddp.world / args.grad_accum
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
         tokens += sum(int(v.sum()) for k, v in batch.items() if k.startswith("attention_mask"))
         with autocast(device, args.amp):
