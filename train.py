@@ -56,8 +56,8 @@ class TrainConfig:
         "help": "optimizer steps per epoch (default: one pass over the largest task; smaller tasks loop)"})
     batch_size: int = field(default=32, metadata={"help": "batch size of each task"})
     lr: float = 5e-5
-    head_lr: float | None = field(default=None, metadata={
-        "help": "learning rate of the randomly initialised heads, pooling and streams (default: --lr)"})
+    head_lr: float = field(default=1e-3, metadata={
+        "help": "learning rate of the randomly initialised heads, pooling and streams"})
     weight_decay: float = 0.01
     lr_schedule: str = field(default="constant", metadata={"choices": ("constant", "linear", "cosine")})
     warmup: float = field(default=0.0, metadata={"help": "warm-up: a fraction of all steps (< 1) or a step count"})
@@ -197,7 +197,7 @@ def optimizer_groups(model: MultitaskBert, args: TrainConfig) -> list[dict]:
     --head_lr, the pre-trained encoder and any adapters at --lr."""
     new = torch.nn.ModuleList(m for name, m in model.named_children() if name not in ("bert", "pals"))
     old = torch.nn.ModuleList(m for name, m in model.named_children() if name in ("bert", "pals"))
-    groups = [{**g, "lr": lr} for part, lr in ((old, args.lr), (new, args.head_lr or args.lr))
+    groups = [{**g, "lr": lr} for part, lr in ((old, args.lr), (new, args.head_lr))
               for g in param_groups_for_weight_decay(part, args.weight_decay)]
     return [g for g in groups if g["params"]]
 
