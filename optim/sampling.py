@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -58,7 +58,6 @@ class TaskSampler:
         self.mode, self.num_epochs, self.anneal_c, self.seed = mode, num_epochs, anneal_c, seed
         self.batches = batches_per_task(self.sizes, batch_size, batching)
         self.steps_per_epoch = sum(self.batches.values())
-        self.epoch, self.step = 1, 0  # position of the next draw: 1-based epoch, 0-based step within it
 
     def probabilities(self, epoch: int) -> dict[str, float]:
         """Per-step task probabilities of the random modes in ``epoch`` (1-based)."""
@@ -90,24 +89,3 @@ class TaskSampler:
         """Batches drawn for each task in ``epoch`` (for reporting)."""
         drawn = Counter(self.schedule(epoch))
         return {t: drawn[t] for t in self.tasks}
-
-    def __len__(self) -> int:
-        """Steps left in the current epoch."""
-        return self.steps_per_epoch - self.step
-
-    def __iter__(self) -> Iterator[str]:
-        """Yield the remaining tasks of the current epoch, then advance to the next epoch."""
-        tasks = self.schedule(self.epoch)
-        while self.step < len(tasks):
-            task = tasks[self.step]
-            self.step += 1
-            yield task
-        self.epoch, self.step = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, int]:
-        """Position (epoch, step) and seed; with the constructor arguments this fully determines what follows."""
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Resume from ``state_dict()``."""
-        self.epoch, self.step, self.seed = state["epoch"], state["step"], state["seed"]
