@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DataError, EncodedTask, encode_dataset, eval_batches, load_split, split_path
+from data import DataError, EncodedTask, eval_batches, load_split, split_path
 from heads import TASKS, MultitaskBert
 from minbert import CheckpointError
 
@@ -179,10 +179,9 @@ def main(argv=None) -> dict:
     # every member predicts with its own tokenizer and pair encoding; an ensemble averages probabilities
     table, dev_probs, test_probs = {}, [], []
     for path, model in models.items():
-        encode = lambda d: encode_dataset(d, model.tokenizer, args.max_length, model.config.pair_encoding)  # noqa
-        dev = {t: encode(d) for t, d in dev_sets.items()}
+        dev = {t: model.encode(d, args.max_length) for t, d in dev_sets.items()}
         dev_probs.append({t: predict(model, enc, args.batch_size, device, args.amp) for t, enc in dev.items()})
-        test_probs.append({t: predict(model, encode(d), args.batch_size, device, args.amp)
+        test_probs.append({t: predict(model, model.encode(d, args.max_length), args.batch_size, device, args.amp)
                            for t, d in test_sets.items()})
         table[path] = metrics_of(dev, {t: labels(t, p) for t, p in dev_probs[-1].items()})
     predictions = {t: labels(t, average([p[t] for p in dev_probs])) for t in tasks}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from data import DataError, EncodedTask, TaskStream, encode_dataset, eval_batches
+from data import DataError, EncodedTask, TaskStream, eval_batches
 from data.masking import mask_tokens, masked_lm_accuracy
 from evaluate import autocast, evaluate_model, read_split, resolve_device
 from heads import PAIR_HEADS, POOLINGS, SENTIMENT_HEADS, TASKS, HeadConfig, MultitaskBert
@@ -423,13 +423,13 @@ def finetune(args: TrainConfig) -> dict:
         for task in args.task_list:
             for split, store in (("train", train), ("dev", dev)):
                 dataset = read_split(args, task, split, args.strict, report=lambda m: log(run_dir, m))
-                store[task] = encode_dataset(dataset, model.tokenizer, args.max_length, args.pair_encoding)
+                store[task] = model.encode(dataset, args.max_length)
             log(run_dir, f"{task}: {len(train[task])} train / {len(dev[task])} dev rows")
     except (DataError, CheckpointError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     ddp.broadcast(model)
-    if args.compile:
-        model.bert.compile(dynamic=True)
+    if args.compile:  # the encoder stack, which every forward path (plain, SMART, PALs) goes through
+        model.bert.encoder.compile(dynamic=True)
     torch.manual_seed(args.seed + ddp.rank)  # the ranks draw different dropout masks
     streams = {t: TaskStream(train[t], args.batch_size, seed=args.seed + i, bucket=args.bucket,
                              shard=(ddp.rank, ddp.world)) for i, t in enumerate(args.task_list)}
@@ -557,8 +557,9 @@ def pretrain_mlm(args: TrainConfig) -> dict:
                 sentences[split] += data.texts + (data.pairs or [])
     except (DataError, CheckpointError, KeyError) as err:
         raise SystemExit(f"error: {err}") from None
+    max_length = min(args.max_length, model.config.max_position_embeddings)
     encoded = {split: EncodedTask(f"mlm-{split}", [str(i) for i in range(len(texts))],
-                                  [tok.encode(texts, max_length=args.max_length)], None, False, tok.pad)
+                                  [tok.encode(texts, max_length=max_length)], None, False, tok.pad)
                for split, texts in (("train", sentences["train"]), ("dev", sentences["dev"][:2000]))}
     stream = TaskStream(encoded["train"], args.batch_size, seed=args.seed, bucket=args.bucket)
     steps_per_epoch = args.steps_per_epoch or stream.batches_per_pass

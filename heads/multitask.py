@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from data import EncodedTask, TaskDataset, encode_dataset
 from minbert import BertConfig, BertModel, CheckpointError, Tokenizer
 from minbert.checkpoint import PICKLE_SUFFIXES, save_json, save_tensors
 from minbert.bilstm import BiLSTMConfig, BiLSTMEncoder
@@ -91,6 +92,14 @@ class MultitaskBert(nn.Module):
         return cls(bert, config or HeadConfig(), Tokenizer.from_pretrained(name_or_path), str(name_or_path), lora,
                    pals)
 
+    def fit_length(self, max_length: int) -> int:
+        """max_length capped at the encoder's position embeddings (longer inputs are truncated, not an error)."""
+        return min(max_length, getattr(self.bert.config, "max_position_embeddings", max_length))
+
+    def encode(self, dataset: TaskDataset, max_length: int) -> EncodedTask:
+        """Tokenize a task file once, with this model's tokenizer and pair encoding."""
+        return encode_dataset(dataset, self.tokenizer, self.fit_length(max_length), self.config.pair_encoding)
+
     # ---- forward --------------------------------------------------------------------------------------------
 
     @staticmethod
@@ -157,7 +166,7 @@ class MultitaskBert(nn.Module):
             raise ValueError(f"this model has no {task!r} head (tasks: {self.config.tasks})")
         was_training = self.training
         self.eval()
-        device = next(self.parameters()).device
+        device, max_length = next(self.parameters()).device, self.fit_length(max_length)
         results = []
         for s in range(0, len(texts), batch_size):
             chunk, pchunk = texts[s:s + batch_size], None if pairs is None else pairs[s:s + batch_size]

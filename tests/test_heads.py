@@ -121,3 +121,14 @@ def test_from_checkpoint_refuses_pickles_and_foreign_directories(tmp_path, tiny_
         MultitaskBert.from_checkpoint(tmp_path)
     with pytest.raises(minbert.CheckpointError, match="not a minbert-multitask/1 checkpoint config"):
         MultitaskBert.from_checkpoint(tiny_model_dir)
+
+
+def test_inputs_longer_than_the_position_embeddings_are_truncated(tiny_model_dir, tmp_path):
+    from conftest import write_tsv
+    from data import read_task
+    model = tiny_multitask(tiny_model_dir)
+    assert model.fit_length(512) == 64 and model.fit_length(32) == 32
+    write_tsv(tmp_path / "sst.csv", ["", "id", "sentence", "sentiment"], [[0, "long", "the movie " * 100, 3]])
+    encoded = model.encode(read_task(tmp_path / "sst.csv", "sst"), max_length=512)
+    assert len(encoded.segments[0][0][0]) == 64
+    assert len(model.predict_sentiment(["very good " * 200], max_length=512)) == 1
