@@ -32,9 +32,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def use_amp(device: torch.device, amp: bool | None) -> bool:
+    """--amp unset: bf16 autocast on CUDA, float32 on the CPU (where bf16 is slow without AMX)."""
+    return device.type == "cuda" if amp is None else amp
+
+
 def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when `amp`; full precision otherwise."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+    """bf16 autocast on `device` when `amp`; full precision otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
 
 
 @torch.inference_mode()
@@ -154,7 +159,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA, off on the CPU)")
     p.add_argument("--plots", action="store_true", help="write confusion matrices and an STS residual plot (PNG)")
     return p.parse_args(argv)
 
@@ -162,6 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    args.amp = use_amp(device, args.amp)
     out_dir = Path(args.output_dir)
     try:
         models = {path: MultitaskBert.from_checkpoint(path, device) for path in args.checkpoints}

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from data import DataError, EncodedTask, TaskStream, eval_batches
 from data.masking import mask_tokens, masked_lm_accuracy
-from evaluate import autocast, evaluate_model, read_split, resolve_device
+from evaluate import autocast, evaluate_model, read_split, resolve_device, use_amp
 from heads import PAIR_HEADS, POOLINGS, SENTIMENT_HEADS, TASKS, HeadConfig, MultitaskBert
 from minbert import BertForMaskedLM, CheckpointError, Tokenizer
 from minbert.checkpoint import save_json, save_tensors
@@ -115,7 +115,7 @@ class TrainConfig:
     seed: int = 11711
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
     use_gpu: bool = field(default=False, metadata={"help": "CS224N spelling of --device cuda"})
-    amp: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA only)"})
+    amp: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on CUDA, off on the CPU)"})
     eval_batch_size: int = 256
     save_every: int = field(default=0, metadata={"help": "also save the training state every N steps (0 = per epoch)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last state"})
@@ -155,9 +155,14 @@ class TrainConfig:
                           self.lora_dropout, self.lora_mode) if self.lora else None
 
 
+def is_flag(f: dataclasses.Field) -> bool:
+    """A boolean option (`--flag` / `--no-flag`); `bool | None` leaves the default to the device."""
+    return f.type in (bool, bool | None)
+
+
 def converter(f: dataclasses.Field):
     """str -> the option's type (for argparse and --sweep values)."""
-    if f.type in (bool, "bool"):
+    if is_flag(f):
         return lambda v: v.lower() in ("1", "true", "yes", "on")
     return f.type if f.type in (int, float) else {"int | None": int, "float | None": float}.get(str(f.type), str)
 
@@ -168,7 +173,7 @@ def parse_args(argv=None) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         kw = {"default": f.default, "help": f.metadata.get("help", argparse.SUPPRESS if f.name.endswith(
             ("_train", "_dev", "_test")) else None)}
-        if f.type in (bool, "bool"):
+        if is_flag(f):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "sweep":
             p.add_argument("--sweep", nargs="*", default=[], help=kw["help"])
@@ -393,8 +398,7 @@ def finetune(args: TrainConfig) -> dict:
     if device.type == "cuda" and ddp.world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    if args.amp and device.type != "cuda":
-        print("note: --amp (bf16 autocast) applies on CUDA only; training in float32 on the CPU")
+    args.amp = use_amp(device, args.amp)
     run_dir = Path(args.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.resume and not (run_dir / "train_state.json").is_file():
@@ -410,8 +414,8 @@ def finetune(args: TrainConfig) -> dict:
     if ddp.rank == 0:
         save_json(dataclasses.asdict(args), run_dir / "train_config.json")
     torch.manual_seed(args.seed)
-    log(run_dir, f"model {args.model} | device {device} x {ddp.world} process(es) | tasks {args.tasks} | "
-                 f"output {run_dir}")
+    log(run_dir, f"model {args.model} | device {device}{' (bf16 autocast)' if args.amp else ''} x {ddp.world} "
+                 f"process(es) | tasks {args.tasks} | output {run_dir}")
 
     try:
         # ---- model ---------------------------------------------------------------------------------------------
@@ -542,6 +546,7 @@ def pretrain_mlm(args: TrainConfig) -> dict:
     config.json, model.safetensors (`bert.*`, `cls.predictions.*`) and the tokenizer to --output_dir, which
     --model then accepts. Masked-token accuracy on held-out dev sentences is logged before and after each epoch."""
     device = resolve_device("cuda" if args.use_gpu else args.device)
+    args.amp = use_amp(device, args.amp)
     run_dir = Path(args.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     args.model = args.model or default_model()

@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo) gives the same training as 1 process on the same global batches."""
+"""torchrun with 2 CPU processes (gloo) gives the same training as 1 process on the same global batches: summed
+losses, PCGrad, GradNorm, SMART and the adapters (DoRA, PALs)."""
 import os
 import socket
 import subprocess
@@ -20,8 +21,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("extra", [[], ["--pcgrad"], ["--gradnorm"], ["--smart"]])
-def test_two_gloo_processes_match_one(tiny_model_dir, tiny_data_dir, tmp_path, extra):
+ENCODER_WEIGHT = "bert.encoder.layer.0.output.dense.weight"
+
+
+@pytest.mark.parametrize("extra, trained", [
+    ([], ENCODER_WEIGHT), (["--pcgrad"], ENCODER_WEIGHT), (["--gradnorm"], ENCODER_WEIGHT),
+    (["--smart"], ENCODER_WEIGHT), (["--pals", "pal", "--pals_dim", "12"], ENCODER_WEIGHT),
+    (["--lora", "4", "--lora_variant", "dora"], "bert.encoder.layer.0.attention.self.query.lora_B")])
+def test_two_gloo_processes_match_one(tiny_model_dir, tiny_data_dir, tmp_path, extra, trained):
     args = ["--model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir), "--epochs", "1", "--steps_per_epoch",
             "3", "--batch_size", "6", "--lr", "1e-3", "--hidden_dropout_prob", "0", "--eval_batch_size", "8", *extra]
     train.main(args + ["--output_dir", str(tmp_path / "one")])
@@ -31,8 +38,8 @@ def test_two_gloo_processes_match_one(tiny_model_dir, tiny_data_dir, tmp_path, e
                     "--output_dir", str(tmp_path / "two")], env=env, check=True, timeout=300, cwd=tmp_path)
     one, two = (load_file(tmp_path / run / "last" / "model.safetensors") for run in ("one", "two"))
     assert one.keys() == two.keys()
-    initial = load_file(tiny_model_dir / "model.safetensors")
-    assert not torch.equal(one["bert.encoder.layer.0.output.dense.weight"], initial["encoder.layer.0.output.dense.weight"])
+    initial = load_file(tiny_model_dir / "model.safetensors").get(trained.removeprefix("bert."))
+    assert not torch.equal(one[trained], torch.zeros_like(one[trained]) if initial is None else initial)  # it trained
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4, msg=key)
     log = (tmp_path / "two" / "run.log").read_text()
