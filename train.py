@@ -257,7 +257,7 @@ class DataParallel:
             p.grad = g.view_as(p)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean over ranks (GradNorm's gradient norms and losses)."""
+        """Mean over ranks (GradNorm's gradient norms and losses, the logged task losses)."""
         if self.world > 1:
             dist.all_reduce(x)
             x = x / self.world
@@ -627,11 +627,12 @@ def train_step(model, optimizer, streams, tasks, device, args, extras: Extras,
     """One optimizer step on `grad_accum` batches of each task in `tasks`. By default one backward per task (only
     one task's graph alive at a time) and the task gradients summed; --pcgrad combines them on the shared
     parameters with PCGrad while each head keeps its own; --gradnorm backpropagates Σ w_i L_i with learned w.
-    Returns the task losses and the non-pad tokens seen."""
+    Returns the task losses (global batch) and this rank's non-pad tokens; NonFiniteLoss before any update."""
     optimizer.zero_grad(set_to_none=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     shared = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("heads.", "streams."))]
-    losses, tokens, task_grads = dict.fromkeys(tasks, 0.0), 0, []
+    losses = {t: torch.zeros((), device=device) for t in tasks}  # read once per step: a single device sync
+    tokens, task_grads = 0, []
 
     def draw(task: str) -> torch.Tensor:
         """This rank's loss on its rows of the next batch, weighted so the mean over ranks is the global mean."""
@@ -641,13 +642,11 @@ def train_step(model, optimizer, streams, tasks, device, args, extras: Extras,
         if share == 0:  # a global batch smaller than the number of ranks left this one no rows
             return torch.zeros((), device=device)
         weight = share * ddp.world / args.grad_accum
+        tokens += sum(int(v.sum()) for k, v in batch.items() if k.startswith("attention_mask"))  # still on the CPU
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-        tokens += sum(int(v.sum()) for k, v in batch.items() if k.startswith("attention_mask"))
         with autocast(device, args.amp):
             loss = task_loss(model, task, batch, args, extras) * weight
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the {task} loss is {loss.item()}")
-        losses[task] += loss.item()
+        losses[task] += loss.detach()
         return loss
 
     if extras.gradnorm:  # every task's graph at once: GradNorm needs all gradient norms on the shared layer
@@ -667,6 +666,10 @@ def train_step(model, optimizer, streams, tasks, device, args, extras: Extras,
                 task_grads.append([p.grad for p in shared])
                 for p in shared:
                     p.grad = None
+    losses = dict(zip(losses, ddp.mean(torch.stack(list(losses.values()))).tolist()))  # the global batch's losses
+    for task, value in losses.items():  # every rank sees the same values and stops before the optimizer step
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the {task} loss is {value}")
     if args.pcgrad:  # random projection order from its own seeded RNG, the same on every rank
         for p, g in zip(shared, pcgrad(task_grads, generator=extras.pcgrad_generator)):
             p.grad = g
