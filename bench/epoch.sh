@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Wall time of one full multi-task epoch of train.py (summed losses and PCGrad) and of evaluating the whole dev set.
-#   bash bench/epoch.sh [DATA_DIR] [extra train.py flags, e.g. --device cuda --amp]
+#   bash bench/epoch.sh [DATA_DIR] [extra train.py flags, e.g. --device cuda (bf16 autocast by default there)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-../shared/data}
