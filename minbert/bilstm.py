@@ -5,16 +5,17 @@ its encoder. Sequences are packed by their attention-mask lengths, so padding ne
 must be right-padded, as Tokenizer.pad makes them. pooler_output is [final forward state; final backward state] of the
 last layer (the forward state after the last real token, the backward state after the first).
 """
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .config import DictConfig
+
 
 @dataclass
-class BiLSTMConfig:
+class BiLSTMConfig(DictConfig):
     """Encoder sizes; `hidden_size` is the output width, 2 × the per-direction LSTM width."""
 
     vocab_size: int
@@ -28,13 +29,6 @@ class BiLSTMConfig:
         if self.hidden_size % 2:
             raise ValueError(f"BiLSTMConfig: hidden_size {self.hidden_size} must be even (two directions)")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BiLSTMConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class BiLSTMEmbeddings(nn.Module):

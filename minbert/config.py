@@ -6,8 +6,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class DictConfig:
+    """to_dict / from_dict for the config dataclasses; from_dict ignores keys it does not know (a checkpoint's
+    config.json carries many)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
-class BertConfig:
+class BertConfig(DictConfig):
     """BERT hyper-parameters; `from_json_file` reads a checkpoint's config.json, ignoring unknown keys."""
 
     vocab_size: int = 30522
@@ -35,18 +48,14 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"position_embedding_type {d['position_embedding_type']!r} is not supported "
                              "(only 'absolute', as in bert-base)")
         if d.get("attn_implementation") not in (None, "sdpa", "eager"):  # HF writes e.g. "flash_attention_2"
             warnings.warn(f"attn_implementation {d['attn_implementation']!r} replaced by 'sdpa'")
             d = {**d, "attn_implementation": "sdpa"}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return super().from_dict({k: v for k, v in d.items() if v is not None})
 
     @classmethod
     def from_json_file(cls, path) -> "BertConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)

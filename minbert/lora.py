@@ -3,13 +3,14 @@
 The adapted module keeps the frozen base `weight`/`bias` under their original state-dict keys and adds
 `lora_A` (r, in), `lora_B` (out, r) and, for DoRA, `magnitude` (out,); the numerics follow PEFT's LoRA layers.
 """
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import DictConfig
 
 VARIANTS = ("lora", "rslora", "dora")
 MODES = ("lll", "fm")  # last-linear-layer (adapters only) / full-model (all but the adapted base weights)
@@ -134,7 +135,7 @@ def lora_state_dict(model: nn.Module) -> dict:
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(DictConfig):
     """The adapter recipe, stored in a checkpoint's config.json so the swap can be re-applied before loading."""
 
     r: int = 8
@@ -149,14 +150,6 @@ class LoRAConfig:
         if self.variant not in VARIANTS or self.mode not in MODES:
             raise ValueError(f"LoRAConfig: variant must be one of {VARIANTS} and mode one of {MODES}, "
                              f"got {self.variant!r} and {self.mode!r}")
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "targets": list(self.targets)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoRAConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     def apply(self, model: nn.Module) -> nn.Module:
         """apply_lora with these settings, then mark_trainable(model, mode)."""

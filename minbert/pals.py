@@ -14,14 +14,13 @@ zero, so at initialisation a model with PALs differs from its base: on unit-scal
 σ² √(d_s d_m) per element (0.11 at σ = 0.02, d_s = 100, d_m = 768), a PAL's less (its attention averages tokens); on
 all-MiniLM-L6-v2 the last hidden state moves by at most 0.09 (pal) / 0.39 (lowrank). Zero V_D gives exactly the base.
 """
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .attention import BertSelfAttention, Unpadded
-from .config import BertConfig
+from .config import BertConfig, DictConfig
 from .model import init_weights
 
 KINDS = ("pal", "lowrank", "mixed")
@@ -29,7 +28,7 @@ DEFAULT_DIM = {"pal": 204, "lowrank": 100}  # the paper's d_s: about 1.13× BERT
 
 
 @dataclass
-class PALsConfig:
+class PALsConfig(DictConfig):
     """The PALs recipe, stored in a checkpoint's config.json; `dim` None means 204 for PALs, 100 for low-rank."""
 
     kind: str = "pal"
@@ -53,13 +52,6 @@ class PALsConfig:
                  for i in range(num_layers)]
         return [(k, self.dim or DEFAULT_DIM[k]) for k in kinds]
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PALsConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class TaskPALs(nn.Module):
