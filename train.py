@@ -207,6 +207,12 @@ def optimizer_groups(model: MultitaskBert, args: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def lr_scheduler(optimizer, args: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """--lr_schedule over `total_steps`, after --warmup steps (a fraction of all steps when < 1)."""
+    warmup = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_schedule, warmup, total_steps))
+
+
 def freeze(model: MultitaskBert, option: str, finetune_last: int) -> None:
     """pretrain: the encoder is frozen; --finetune_last N: embeddings and all but the last N layers are."""
     if option == "pretrain":
@@ -446,8 +452,7 @@ def finetune(args: TrainConfig) -> dict:
 
     # ---- optimizer -------------------------------------------------------------------------------------------------
     optimizer = AdamW(optimizer_groups(model, args), lr=args.lr)
-    warmup = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_schedule, warmup, total_steps))
+    lr_sched = lr_scheduler(optimizer, args, total_steps)
     extras = Extras(GradNorm(args.task_list, args.gradnorm_alpha) if args.gradnorm else None,
                     EMATeacher(model) if args.smart and args.smart_bregman else None,
                     torch.Generator().manual_seed(args.seed) if args.pcgrad else None)
@@ -569,9 +574,7 @@ def pretrain_mlm(args: TrainConfig) -> dict:
     stream = TaskStream(encoded["train"], args.batch_size, seed=args.seed, bucket=args.bucket)
     steps_per_epoch = args.steps_per_epoch or stream.batches_per_pass
     optimizer = AdamW(param_groups_for_weight_decay(model, args.weight_decay), lr=args.lr)
-    warmup = int(args.warmup * steps_per_epoch * args.epochs) if args.warmup < 1 else int(args.warmup)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(args.lr_schedule, warmup, steps_per_epoch * args.epochs))
+    lr_sched = lr_scheduler(optimizer, args, steps_per_epoch * args.epochs)
     log(run_dir, f"masked-LM pre-training of {args.model} on {len(sentences['train'])} sentences "
                  f"({args.mlm_data}) | {args.epochs} epoch(s) x {steps_per_epoch} steps")
 
