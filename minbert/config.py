@@ -1,6 +1,7 @@
 """Model configuration: Hugging Face `BertConfig` field names and bert-base defaults."""
 import dataclasses
 import json
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,15 +9,29 @@ from pathlib import Path
 
 class DictConfig:
     """to_dict / from_dict for the config dataclasses; from_dict ignores keys it does not know (a checkpoint's
-    config.json carries many)."""
+    config.json carries many) and checks the types of those it knows."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        for name, value in d.items():
+            if name in fields:
+                check_type(name, value, fields[name])
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+def check_type(name: str, value, annotation) -> None:
+    """Raise TypeError unless `value` (read from JSON) fits the field type `annotation` (int, float, str, bool,
+    a tuple given as a list, or such a type | None)."""
+    allowed = tuple(t for t in (typing.get_args(annotation) or (annotation,)) if isinstance(t, type))
+    allowed += (int,) if float in allowed else ()
+    allowed += (list,) if tuple in allowed else ()
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
+        raise TypeError(f"{name} must be {names}, got {value!r}")
 
 
 @dataclass
@@ -40,6 +55,11 @@ class BertConfig(DictConfig):
     unpad: bool = True  # token-wise layers skip padding tokens (outputs at padded positions are then 0)
 
     def __post_init__(self):
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
                              f"num_attention_heads {self.num_attention_heads}")

@@ -1,17 +1,19 @@
-"""Find a checkpoint (directory, Hugging Face cache, embedded MiniLM), read it safely, map its keys, load strictly."""
+"""Find a checkpoint (directory, Hugging Face cache or Hub, embedded MiniLM), read it safely, map its keys, load
+strictly."""
 import importlib.util
-import json
 import os
 import re
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from .checkpoint import read_json, read_tensors
 from .config import BertConfig
+from .errors import CheckpointError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 OPTIONAL_PREFIXES = ("pooler.",)  # initialised with a warning when a checkpoint lacks them
 RENAMES = [  # (pattern, replacement) applied to every checkpoint key, in order
     (re.compile(r"^bert\."), ""),  # BertFor* checkpoints prefix the encoder with `bert.`
@@ -21,16 +23,22 @@ RENAMES = [  # (pattern, replacement) applied to every checkpoint key, in order
 DROPPED = re.compile(r"(^|\.)(position_ids|token_type_ids)$|^cls\.predictions\.decoder\.|^cls\.seq_relationship\.")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found or does not fit the model."""
+def hf_home() -> Path:
+    """HF_HOME, else $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface."""
+    return Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+                ).expanduser()
 
 
 def hf_cache_dir() -> Path:
     """The hub cache Hugging Face uses: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
-    return Path(home).expanduser() / "hub"
+    return hf_home() / "hub"
+
+
+def repo_cache_dir(repo_id: str) -> Path:
+    """The cache folder of a Hub model: <cache>/models--org--name."""
+    return hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
 
 
 def minilm_dir() -> Path:
@@ -42,41 +50,51 @@ def minilm_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def cached_snapshot(name: str) -> Path | None:
-    """The snapshot of `name` in the local hub cache (refs/main first, else the newest), or None."""
-    names = [name] if "/" in name else [name, f"google-bert/{name}"]
-    for n in names:
-        repo = hf_cache_dir() / ("models--" + n.replace("/", "--"))
-        ref = repo / "refs" / "main"
-        if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
-            return repo / "snapshots" / ref.read_text().strip()
+def cached_snapshot(name: str, revision: str = "main") -> Path | None:
+    """The snapshot of `name` at `revision` (branch, tag or commit) in the local hub cache, or None. In a cache
+    without refs/ (copied by hand), the newest snapshot stands for main."""
+    for repo in map(repo_cache_dir, [name] if "/" in name else [name, f"google-bert/{name}"]):
+        ref = repo / "refs" / revision
+        snapshot = repo / "snapshots" / ((ref.read_text().strip() if ref.is_file() else "") or revision)
+        if snapshot.is_dir():
+            return snapshot
         snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
-        if snapshots:
+        if revision == "main" and not (repo / "refs").is_dir() and snapshots:
             return snapshots[0]
     return None
 
 
+def holds_any(snapshot: Path, files: tuple[str, ...]) -> bool:
+    """Whether a snapshot has one of `files`, or the Hub said it has none of them (.no_exist/<commit>/<file>)."""
+    no_exist = snapshot.parent.parent / ".no_exist" / snapshot.name
+    return not files or any((snapshot / f).is_file() for f in files) or all((no_exist / f).is_file() for f in files)
+
+
 def default_model() -> str:
-    """bert-base-uncased when it is in the local Hugging Face cache, else the embedded 'minilm'."""
-    return "bert-base-uncased" if cached_snapshot("bert-base-uncased") else "minilm"
+    """bert-base-uncased when the local Hugging Face cache holds its weights and tokenizer, else the embedded
+    'minilm'; never downloads."""
+    snapshot = cached_snapshot("bert-base-uncased")
+    complete = snapshot is not None and holds_any(snapshot, WEIGHT_FILES) and holds_any(snapshot, TOKENIZER_FILES)
+    return "bert-base-uncased" if complete else "minilm"
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A directory, 'minilm', or a model name in the local Hugging Face cache -> its directory."""
+def resolve_model_dir(name_or_path: str, revision: str = "main", needs: tuple[str, ...] = ()) -> Path:
+    """A directory, 'minilm', or a Hub model name -> its directory: the cached snapshot at `revision` when it holds
+    one of `needs` (or HF_HUB_OFFLINE=1), else downloaded. A name whose first part is a local folder is a path."""
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
         return path
     if name == "minilm":
         return minilm_dir()
-    is_hub_name = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name) is not None
-    snapshot = cached_snapshot(name) if is_hub_name else None
-    if snapshot is None:
-        cache = f", nor in the Hugging Face cache ({hf_cache_dir()}/models--{name.replace('/', '--')})" \
-            if is_hub_name else ""
-        raise CheckpointError(f"minbert: model {name!r} not found: no directory {path.absolute()}{cache}; "
-                              "pass a checkpoint directory, a cached model name (set HF_HOME) or 'minilm'")
-    return snapshot
+    if re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name) is None or Path(name.split("/")[0]).is_dir():
+        raise CheckpointError(f"minbert: model {name!r} not found: no directory {path.absolute()}; "
+                              "pass a checkpoint directory, a Hub model name or 'minilm'")
+    from . import hub  # hub.py imports this module
+    snapshot = cached_snapshot(name, revision)
+    if snapshot is not None and (holds_any(snapshot, needs) or hub.offline()):
+        return snapshot
+    return hub.download(name, revision)
 
 
 def read_state_dict(model_dir: Path) -> tuple[dict, Path]:
@@ -85,7 +103,7 @@ def read_state_dict(model_dir: Path) -> tuple[dict, Path]:
         file = model_dir / name
         if file.is_file():
             if name.endswith(".safetensors"):
-                return load_file(file), file
+                return read_tensors(file)[0], file
             try:
                 return torch.load(file, map_location="cpu", weights_only=True), file
             except Exception as e:
@@ -128,17 +146,20 @@ def load_checked(module: torch.nn.Module, state_dict: dict, file: Path, optional
     module.load_state_dict(state_dict, strict=False)
 
 
-def load_pretrained(model_cls, name_or_path: str, **config_overrides):
+def load_pretrained(model_cls, name_or_path: str, revision: str = "main", **config_overrides):
     """Build `model_cls` (BertModel or BertForMaskedLM) from a checkpoint and return it in eval mode."""
-    model_dir = resolve_model_dir(name_or_path)
+    model_dir = resolve_model_dir(name_or_path, revision, needs=WEIGHT_FILES)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"minbert: {model_dir} has no config.json")
-    config = BertConfig.from_dict({**json.loads((model_dir / "config.json").read_text()), **config_overrides})
+    config = read_json(model_dir / "config.json")
+    try:
+        model = model_cls(BertConfig.from_dict({**config, **config_overrides}))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"minbert: {model_dir / 'config.json'} does not describe a BERT: {err}") from None
     state_dict, file = read_state_dict(model_dir)
     state_dict = rename_keys(state_dict)
     head = {k.removeprefix("cls."): v for k, v in state_dict.items() if k.startswith("cls.")}
     encoder = {k: v for k, v in state_dict.items() if not k.startswith("cls.")}
-    model = model_cls(config)
     load_checked(getattr(model, "bert", model), encoder, file)
     if hasattr(model, "cls"):
         if head:

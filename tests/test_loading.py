@@ -94,6 +94,7 @@ def test_config_overrides(tmp_path, hf_model):
 
 def test_missing_directory_or_name(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the cache only: the name is not downloaded
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     with pytest.raises(CheckpointError) as err:
         minbert.BertModel.from_pretrained("bert-base-uncased")
@@ -155,3 +156,21 @@ def test_masked_lm_without_head_warns_and_loads_encoder(tmp_path, hf_model):
         mlm = minbert.BertForMaskedLM.from_pretrained(tmp_path)
     torch.testing.assert_close(mlm.bert.encoder.layer[1].output.dense.weight,
                                hf_model.encoder.layer[1].output.dense.weight)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+     r"model\.safetensors is truncated or corrupt \(.*\); re-create or re-download it"),
+    (lambda d: (d / "config.json").write_text('{"hidden_size": 32,\n "oops"}'),
+     r"config\.json line 2 column 8: not valid JSON \(Expecting ':' delimiter\)"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**TINY, "hidden_size": "32"})),
+     r"config\.json does not describe a BERT: hidden_size must be int, got '32'"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**TINY, "num_attention_heads": 0})),
+     r"config\.json does not describe a BERT: num_attention_heads must be at least 1, got 0"),
+])
+def test_damaged_checkpoint_files_are_one_line_errors_naming_the_file(tmp_path, hf_model, damage, message):
+    hf_model.save_pretrained(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(CheckpointError, match=message) as err:
+        minbert.BertModel.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
