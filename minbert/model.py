@@ -1,12 +1,18 @@
 """BertModel (embeddings, encoder, pooler) and the masked-LM head, with Hugging Face parameter paths."""
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from .attention import Unpadded
+from .checkpoint import save_json, save_tensors
 from .config import BertConfig
 from .embeddings import BertEmbeddings
 from .layers import ACTIVATIONS, Adapter, BertEncoder
 from .loading import load_pretrained
+from .lora import ADAPTER_PARAMS, LoRALinear
+
+MINBERT_ONLY_FIELDS = ("attn_implementation", "unpad")  # BertConfig fields that transformers' config.json lacks
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -35,6 +41,26 @@ def init_weights(module: nn.Module, std: float) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """module.state_dict() with every LoRALinear folded into a plain `weight` (adapter tensors left out), as
+    merge_lora would give; the module itself is unchanged."""
+    tensors = module.state_dict()
+    for name, m in module.named_modules():
+        if isinstance(m, LoRALinear):
+            prefix = f"{name}." if name else ""
+            tensors[prefix + "weight"] = m.merged_weight()  # (out, in)
+            for leaf in ADAPTER_PARAMS:
+                tensors.pop(prefix + leaf, None)
+    return tensors
+
+
+def hugging_face_config(config: BertConfig) -> dict:
+    """config.json in transformers' form for a BertModel: the BertConfig fields without minbert's own."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in MINBERT_ONLY_FIELDS}
+    return {"architectures": ["BertModel"], "model_type": "bert", "position_embedding_type": "absolute", **fields}
 
 
 class BertPooler(nn.Module):
@@ -79,9 +105,17 @@ class BertModel(nn.Module):
         return self.encode(self.embeddings(input_ids, token_type_ids), attention_mask, adapter)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **config_overrides) -> "BertModel":
-        """Load a directory, a cached Hugging Face name or 'minilm'; overrides set config fields (e.g. dropout)."""
-        return load_pretrained(cls, name_or_path, **config_overrides)
+    def from_pretrained(cls, name_or_path: str, revision: str = "main", **config_overrides) -> "BertModel":
+        """Load a directory, 'minilm' or a Hub name at `revision` (from the Hugging Face cache, else downloaded);
+        overrides set config fields (e.g. dropout)."""
+        return load_pretrained(cls, name_or_path, revision, **config_overrides)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """A folder transformers.BertModel.from_pretrained loads: config.json and model.safetensors, each written
+        atomically; LoRA/DoRA adapters are merged into the saved weights, this model keeps them."""
+        directory = Path(directory)
+        save_tensors(merged_state_dict(self), directory / "model.safetensors", {"format": "pt"})
+        save_json(hugging_face_config(self.config), directory / "config.json")
 
 
 class BertLMPredictionHead(nn.Module):
@@ -119,6 +153,6 @@ class BertForMaskedLM(nn.Module):
         return self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **config_overrides) -> "BertForMaskedLM":
+    def from_pretrained(cls, name_or_path: str, revision: str = "main", **config_overrides) -> "BertForMaskedLM":
         """As BertModel.from_pretrained; `cls.predictions.*` is loaded when the checkpoint has it."""
-        return load_pretrained(cls, name_or_path, **config_overrides)
+        return load_pretrained(cls, name_or_path, revision, **config_overrides)

@@ -7,8 +7,8 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from .checkpoint import atomic_write, save_json
-from .loading import CheckpointError, resolve_model_dir
+from .checkpoint import atomic_write, read_json, save_json
+from .loading import TOKENIZER_FILES, CheckpointError, resolve_model_dir
 
 
 def wordpiece_from_vocab(vocab_file: Path, options: dict) -> Backend:
@@ -46,11 +46,12 @@ class Tokenizer:
         return i
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str) -> "Tokenizer":
-        """tokenizer.json when present, else vocab.txt; lower-casing as tokenizer_config.json says."""
-        model_dir = resolve_model_dir(name_or_path)
+    def from_pretrained(cls, name_or_path: str, revision: str = "main") -> "Tokenizer":
+        """tokenizer.json when present, else vocab.txt; lower-casing as tokenizer_config.json says. Names as for
+        BertModel.from_pretrained (a Hub model at `revision` is downloaded when not cached)."""
+        model_dir = resolve_model_dir(name_or_path, revision, needs=TOKENIZER_FILES)
         config_file = model_dir / "tokenizer_config.json"
-        options = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        options = read_json(config_file) if config_file.is_file() else {}
         if (model_dir / "tokenizer.json").is_file():
             backend = Backend.from_file(str(model_dir / "tokenizer.json"))
             norm = json.loads(backend.normalizer.__getstate__()) if backend.normalizer else {}
@@ -103,9 +104,38 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return [self.backend.id_to_token(i) for i in ids]
 
-    def save(self, directory) -> None:
-        """tokenizer.json (normaliser, vocabulary, templates) and the special-token names, atomically."""
+    def normalizer_options(self) -> dict:
+        """do_lower_case, strip_accents and tokenize_chinese_chars of a BertNormalizer (tokenizer_config.json
+        names; transformers' BertTokenizer rebuilds its normaliser from them), else {}."""
+        norm = json.loads(self.backend.normalizer.__getstate__()) if self.backend.normalizer else {}
+        if norm.get("type") != "BertNormalizer":
+            return {}
+        return {"do_lower_case": norm["lowercase"], "strip_accents": norm["strip_accents"],
+                "tokenize_chinese_chars": norm["handle_chinese_chars"]}
+
+    def tokenizer_config(self, model_max_length: int | None = None) -> dict:
+        """tokenizer_config.json as transformers' BertTokenizer reads it: class, normaliser options, special tokens
+        and, when known, model_max_length."""
+        cls, sep = self.backend.encode("").tokens  # a text alone is framed as [CLS] ... [SEP]
+        config = {"tokenizer_class": "BertTokenizer", **self.normalizer_options(),
+                  "unk_token": self.backend.model.unk_token, "sep_token": sep, "cls_token": cls,
+                  "pad_token": self.backend.id_to_token(self.pad_token_id),
+                  "mask_token": self.backend.id_to_token(self.mask_token_id)}
+        return config if model_max_length is None else {**config, "model_max_length": model_max_length}
+
+    def save(self, directory, model_max_length: int | None = None) -> None:
+        """tokenizer.json (normaliser, vocabulary, templates) and tokenizer_config.json, atomically: what minbert
+        checkpoints and transformers' fast tokenizers read."""
         directory = Path(directory)
-        atomic_write(directory / "tokenizer.json", lambda tmp: self.backend.save(str(tmp)))
-        save_json({"pad_token": self.backend.id_to_token(self.pad_token_id),
-                   "mask_token": self.backend.id_to_token(self.mask_token_id)}, directory / "tokenizer_config.json")
+        backend = Backend.from_str(self.backend.to_str())
+        backend.no_truncation()  # `encode` sets the truncation per call; the file should not keep the last one
+        atomic_write(directory / "tokenizer.json", lambda tmp: backend.save(str(tmp)))
+        save_json(self.tokenizer_config(model_max_length), directory / "tokenizer_config.json")
+
+    def save_pretrained(self, directory, model_max_length: int | None = None) -> None:
+        """`save` plus vocab.txt: a folder transformers' AutoTokenizer, BertTokenizerFast and slow BertTokenizer
+        load with this tokenizer's ids. `model_max_length` (the model's positions) is recorded when given."""
+        self.save(directory, model_max_length)
+        vocab = sorted(self.backend.get_vocab().items(), key=lambda item: item[1])  # [(token, id)] in id order
+        atomic_write(Path(directory) / "vocab.txt",
+                     lambda tmp: Path(tmp).write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8"))
