@@ -5,16 +5,17 @@ setup(
     version="0.1.0",
     description="A hand-written BERT for CS224N multi-task fine-tuning (SST, Quora, STS) that loads real "
                 "Hugging Face checkpoints",
-    packages=["minbert", "heads", "optim", "data"],
+    packages=["minbert", "heads", "optim", "data", "training"],
     py_modules=["train", "evaluate"],
     python_requires=">=3.10",
     # install torch first (`pip install torch==2.13.0` here, or the CUDA build on a GPU machine): this range
     # is then satisfied and pip fetches nothing more
-    install_requires=["torch>=2.3", "numpy", "tokenizers>=0.15", "safetensors>=0.4", "tqdm"],
+    install_requires=["torch>=2.3", "numpy", "scipy", "tokenizers>=0.15", "safetensors>=0.4", "tqdm"],
     extras_require={
         "plots": ["matplotlib"],
-        # transformers and peft are reference oracles for the tests only; the library never imports them
-        "test": ["pytest", "transformers>=4.40", "peft>=0.10", "matplotlib"],
+        # transformers, peft and sentence-transformers are reference oracles for the tests only; the library never
+        # imports them
+        "test": ["pytest", "transformers>=4.40", "peft>=0.10", "sentence-transformers>=3.0", "matplotlib"],
     },
     entry_points={"console_scripts": ["minbert-train=train:main", "minbert-evaluate=evaluate:main"]},
 )

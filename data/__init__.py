@@ -1,7 +1,7 @@
-"""Task data: tab-separated readers, pre-tokenization, batching and training streams."""
+"""Task data: the task registry, tab-separated readers, pre-tokenization, batching and training streams."""
 from .batching import EncodedTask, TaskStream, batch_indices, collate, encode_dataset, eval_batches
-from .readers import CFIMDB, QUORA, SPECS, SST, STS, DataError, TaskDataset, TaskSpec, load_split, read_task, split_path
+from .readers import DataError, TaskDataset, load_split, read_task, split_path
+from .tasks import TASKS, Task, get_task, overall
 
-__all__ = ["CFIMDB", "QUORA", "SPECS", "SST", "STS", "DataError", "EncodedTask", "TaskDataset", "TaskSpec",
-           "TaskStream", "batch_indices", "collate", "encode_dataset", "eval_batches", "load_split", "read_task",
-           "split_path"]
+__all__ = ["DataError", "EncodedTask", "TASKS", "Task", "TaskDataset", "TaskStream", "batch_indices", "collate",
+           "encode_dataset", "eval_batches", "get_task", "load_split", "overall", "read_task", "split_path"]

@@ -118,8 +118,6 @@ class TaskStream:
         batch["share"] = len(rows[rank::world]) / len(rows)  # this rank's fraction of the global batch
         return batch
 
-    next = __next__
-
     def state_dict(self) -> dict[str, int]:
         return {"pass": self.pass_index, "position": self.position}
 

@@ -1,61 +1,26 @@
-"""Readers for the CS224N tab-separated task files (SST, CFIMDB, Quora, STS)."""
+"""Readers for the CS224N tab-separated task files (SST, CFIMDB, Quora, STS); columns and labels come from the
+task registry (data/tasks.py)."""
 from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+from minbert.errors import MinbertError
+
+from .tasks import Task, get_task
 
 
-class DataError(ValueError):
+class DataError(MinbertError, ValueError):
     """A problem with a data file; the message is one line naming file, line, problem and fix."""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """How to read one task: its columns and label type (num_classes=None means a score in [0, max_score])."""
-
-    task: str
-    file_pattern: str  # e.g. "ids-sst-{split}.csv"
-    text_columns: tuple[str, ...]
-    label_column: str
-    num_classes: int | None
-    max_score: float = 5.0
-
-    @property
-    def is_regression(self) -> bool:
-        return self.num_classes is None
-
-    def parse_label(self, raw: str) -> int | float:
-        """Parse and range-check one label; raises ValueError with a short reason."""
-        if not raw.strip():
-            raise ValueError(f"empty label in column '{self.label_column}'")
-        expected = (f"a number in [0, {self.max_score:g}]" if self.is_regression
-                    else f"an integer 0-{self.num_classes - 1}")
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"unparsable label {raw!r} in column '{self.label_column}' "
-                             f"(expected {expected})") from None
-        ok = (0.0 <= value <= self.max_score if self.is_regression
-              else value.is_integer() and 0 <= value < self.num_classes)
-        if not ok:
-            raise ValueError(f"label {raw!r} out of range in column '{self.label_column}' "
-                             f"(expected {expected})")
-        return value if self.is_regression else int(value)
-
-
-SST = TaskSpec("sst", "ids-sst-{split}.csv", ("sentence",), "sentiment", 5)
-CFIMDB = TaskSpec("cfimdb", "ids-cfimdb-{split}.csv", ("sentence",), "sentiment", 2)
-QUORA = TaskSpec("para", "quora-{split}.csv", ("sentence1", "sentence2"), "is_duplicate", 2)
-STS = TaskSpec("sts", "sts-{split}.csv", ("sentence1", "sentence2"), "similarity", None)
-SPECS = {spec.task: spec for spec in (SST, CFIMDB, QUORA, STS)}
 
 
 @dataclass
 class TaskDataset:
     """All usable rows of one file; `pairs` holds second sentences, `skipped` the messages of dropped rows."""
 
-    spec: TaskSpec
+    spec: Task
     path: Path
     ids: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
@@ -65,7 +30,7 @@ class TaskDataset:
 
     @property
     def task(self) -> str:
-        return self.spec.task
+        return self.spec.name
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -81,9 +46,11 @@ def _decoded_lines(path: Path):
                             f"is not valid UTF-8 (re-save the file as UTF-8)") from None
 
 
-def read_task(path: str | Path, spec: TaskSpec | str, labeled: bool = True, strict: bool = False) -> TaskDataset:
-    """Read one task file; broken rows are skipped and recorded, or raise DataError if `strict`."""
-    spec = SPECS[spec] if isinstance(spec, str) else spec
+def read_task(path: str | Path, spec: Task | str, labeled: bool = True, strict: bool = False,
+              unique_ids: bool = False) -> TaskDataset:
+    """Read one task file; broken rows are skipped and recorded, or raise DataError if `strict`. With `unique_ids`
+    (dev and test files, whose predictions are keyed by id) a repeated id is always an error."""
+    spec = get_task(spec) if isinstance(spec, str) else spec
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path.name}: file not found (looked for {path.resolve()}; "
@@ -94,11 +61,13 @@ def read_task(path: str | Path, spec: TaskSpec | str, labeled: bool = True, stri
     missing = [c for c in wanted if c not in found]
     if missing:
         raise DataError(f"{path.name} line 1: missing column(s) {', '.join(map(repr, missing))} "
-                        f"(found {', '.join(map(repr, found))}; check the header or that this is a {spec.task} file)")
-    data = TaskDataset(spec, path, pairs=[] if len(spec.text_columns) == 2 else None,
-                       labels=[] if labeled else None)
+                        f"(found {', '.join(map(repr, found))}; check the header or that this is a {spec.name} file)")
+    data = TaskDataset(spec, path, pairs=[] if spec.is_pair else None, labels=[] if labeled else None)
+    first_line = {}  # id -> line of its first row
     for row in reader:
         try:
+            if row.get(None):  # DictReader files the cells beyond the header's under None
+                raise ValueError(f"{len(row[None])} more field(s) than the header's {len(found)} (a stray tab?)")
             if not (row["id"] or "").strip():
                 raise ValueError("empty id in column 'id'")
             texts = [(row[c] or "").strip() for c in spec.text_columns]
@@ -112,7 +81,12 @@ def read_task(path: str | Path, spec: TaskSpec | str, labeled: bool = True, stri
                 raise DataError(message) from None
             data.skipped.append(message)
             continue
-        data.ids.append(row["id"].strip())
+        row_id = row["id"].strip()
+        if unique_ids and row_id in first_line:
+            raise DataError(f"{path.name} line {reader.line_num}: id {row_id!r} already used on line "
+                            f"{first_line[row_id]} (predictions are keyed by id: make the ids unique)")
+        first_line.setdefault(row_id, reader.line_num)
+        data.ids.append(row_id)
         data.texts.append(texts[0])
         if data.pairs is not None:
             data.pairs.append(texts[1])
@@ -123,10 +97,19 @@ def read_task(path: str | Path, spec: TaskSpec | str, labeled: bool = True, stri
 
 def split_path(data_dir: str | Path, task: str, split: str) -> Path:
     """The standard CS224N file of `split` ("train", "dev" or "test" = the unlabeled test-student file)."""
-    return Path(data_dir) / SPECS[task].file_pattern.format(split="test-student" if split == "test" else split)
+    return Path(data_dir) / get_task(task).file_pattern.format(split="test-student" if split == "test" else split)
 
 
-def load_split(data_dir: str | Path, task: str, split: str, strict: bool = False,
-               path: str | Path | None = None) -> TaskDataset:
-    """Read `split` of `task` from `path`, or from its standard name in data_dir; test files are unlabeled."""
-    return read_task(path or split_path(data_dir, task, split), SPECS[task], labeled=split != "test", strict=strict)
+def load_split(data_dir: str | Path, task: str, split: str, strict: bool = False, path: str | Path | None = None,
+               report: Callable[[str], None] | None = None) -> TaskDataset:
+    """Read `split` of `task` from `path`, or from its standard name in data_dir; test files are unlabeled, dev and
+    test ids must be unique, and a file without a usable row is an error. Skipped rows are summarised to `report`."""
+    data = read_task(path or split_path(data_dir, task, split), task, labeled=split != "test", strict=strict,
+                     unique_ids=split != "train")
+    if not data.ids:
+        reason = f"all {len(data.skipped)} rows are broken, e.g. {data.skipped[0]}" if data.skipped else "it is empty"
+        raise DataError(f"{data.path.name}: no usable {task} {split} rows ({reason}); check the file")
+    if data.skipped and report is not None:
+        report(f"{data.path.name}: skipped {len(data.skipped)} broken row(s): " + "; ".join(data.skipped[:5])
+               + (" ..." if len(data.skipped) > 5 else ""))
+    return data

@@ -7,21 +7,25 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 
-from data import EncodedTask, TaskDataset, encode_dataset
+from data import TASKS, EncodedTask, TaskDataset, encode_dataset, eval_batches
 from minbert import BertConfig, BertModel, CheckpointError, Tokenizer
-from minbert.checkpoint import PICKLE_SUFFIXES, save_json, save_tensors
 from minbert.bilstm import BiLSTMConfig, BiLSTMEncoder
+from minbert.checkpoint import PICKLE_SUFFIXES, read_json, read_tensors, save_json, save_tensors
+from minbert.errors import ConfigError
 from minbert.loading import default_model, load_checked
 from minbert.lora import ADAPTER_PARAMS, LoRAConfig
 from minbert.pals import PALs, PALsConfig
+from minbert.runtime import autocast
+from optim import param_groups_for_weight_decay
 
 from .pooling import Pooling
-from .tasks import TASKS, PairHead, SentimentHead
+from .task_heads import PairHead, SentimentHead
 
 FORMAT = "minbert-multitask/1"
+RUN_MARKERS = ("checkpoint.json", "checkpoints", "last")  # only a train.py run folder holds these
 
 
 @dataclass
@@ -40,17 +44,22 @@ class HeadConfig:
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+            raise ConfigError(f"--tasks: unknown task(s) {','.join(unknown)}; choose from {','.join(TASKS)}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"--tasks must name each task once, got {','.join(self.tasks) or 'none'}")
         if self.pair_encoding not in ("bi", "cross"):
-            raise ValueError(f"pair_encoding must be 'bi' or 'cross', got {self.pair_encoding!r}")
+            raise ConfigError(f"--pair_encoding must be 'bi' or 'cross', got {self.pair_encoding!r}")
         if self.pair_encoding == "cross":
             self.para_head = self.sts_head = "linear"
         elif "linear" in (self.para_head, self.sts_head):
-            raise ValueError("the 'linear' pair head needs --pair_encoding cross")
+            raise ConfigError("the 'linear' pair head needs --pair_encoding cross")
 
 
 class MultitaskBert(nn.Module):
-    """`forward(task, batch)` gives logits (sentiment: (B, C); paraphrase: (B,)) or 0-5 scores (similarity: (B,))."""
+    """`forward(task, batch)` gives logits (sentiment: (B, C); paraphrase: (B,)) or 0-5 scores (similarity: (B,)).
+
+    Parameters are shared (the encoder, pooling and shared stream: used by every task) or task-specific (heads,
+    task streams, PALs: used by one task); PCGrad projects only the shared ones."""
 
     def __init__(self, bert: BertModel, config: HeadConfig, tokenizer: Tokenizer | None = None,
                  base_model: str | None = None, lora: LoRAConfig | None = None, pals: PALsConfig | None = None,
@@ -71,11 +80,11 @@ class MultitaskBert(nn.Module):
         # layer-parallel task-specific adapters (Stickland & Murray 2019), routed by task name
         self.pals = PALs(pals, bert.config, config.tasks) if pals is not None else None
         self.heads = nn.ModuleDict()
-        for task in config.tasks:
-            kind, outputs = TASKS[task]
-            self.heads[task] = SentimentHead(config.sentiment_head, dim, outputs, config.dropout) \
-                if kind == "sentiment" else \
-                PairHead(config.para_head if kind == "paraphrase" else config.sts_head, dim, config.dropout)
+        for name in config.tasks:
+            task = TASKS[name]
+            self.heads[name] = SentimentHead(config.sentiment_head, dim, task.num_outputs, config.dropout) \
+                if task.kind == "sentiment" else \
+                PairHead(config.para_head if task.kind == "paraphrase" else config.sts_head, dim, config.dropout)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, config: HeadConfig | None = None, lora: LoRAConfig | None = None,
@@ -84,13 +93,17 @@ class MultitaskBert(nn.Module):
         optional. 'bilstm' is the non-BERT baseline: a BiLSTM over trainable embeddings of the same WordPiece vocab."""
         if str(name_or_path) == "bilstm":
             if lora or pals:
-                raise ValueError("LoRA and PALs adapt BERT layers; the bilstm baseline has none")
+                raise ConfigError("LoRA and PALs adapt BERT layers; the bilstm baseline has none")
             tok = Tokenizer.from_pretrained(default_model())
             encoder = BiLSTMEncoder(BiLSTMConfig(tok.vocab_size, pad_token_id=tok.pad_token_id))
             return cls(encoder, config or HeadConfig(), tok, "bilstm")
         bert = BertModel.from_pretrained(name_or_path, **bert_overrides)
         return cls(bert, config or HeadConfig(), Tokenizer.from_pretrained(name_or_path), str(name_or_path), lora,
                    pals)
+
+    @property
+    def is_bert(self) -> bool:
+        return isinstance(self.bert, BertModel)
 
     def fit_length(self, max_length: int) -> int:
         """max_length capped at the encoder's position embeddings (longer inputs are truncated, not an error)."""
@@ -100,19 +113,81 @@ class MultitaskBert(nn.Module):
         """Tokenize a task file once, with this model's tokenizer and pair encoding."""
         return encode_dataset(dataset, self.tokenizer, self.fit_length(max_length), self.config.pair_encoding)
 
+    # ---- what training needs ----------------------------------------------------------------------------------
+
+    def shared_modules(self) -> list[nn.Module]:
+        """The modules every task goes through: encoder, pooling and the shared stream."""
+        return [self.bert, self.pooling] + ([self.shared_stream] if self.config.multi_stream else [])
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters used by every task (PCGrad combines their task gradients)."""
+        return [p for m in self.shared_modules() for p in m.parameters() if p.requires_grad]
+
+    def parameter_groups(self, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
+        """AdamW groups without weight decay on biases and LayerNorm: the pre-trained encoder and its adapters (LoRA,
+        PALs) at `lr`, the randomly initialised rest (pooling, streams, heads) at `head_lr`."""
+        pretrained = nn.ModuleList([self.bert] + ([self.pals] if self.pals is not None else []))
+        new = nn.ModuleList(m for m in self.children() if all(m is not p for p in pretrained))
+        groups = [{**g, "lr": group_lr} for part, group_lr in ((pretrained, lr), (new, head_lr))
+                  for g in param_groups_for_weight_decay(part, weight_decay)]
+        return [g for g in groups if g["params"]]
+
+    def freeze(self, encoder: bool = False, train_last: int = 0) -> None:
+        """Freeze the whole encoder (`encoder`), or its embeddings and all but its last `train_last` layers."""
+        if encoder:
+            self.bert.requires_grad_(False)
+        elif train_last:
+            if not self.is_bert:
+                raise ConfigError("--finetune_last counts BERT layers; the bilstm baseline has none (leave it out)")
+            layers = self.bert.encoder.layer
+            if not 0 < train_last <= len(layers):
+                raise ConfigError(f"--finetune_last must be between 1 and {len(layers)} (the encoder's layers), "
+                                  f"got {train_last}")
+            for module in [self.bert.embeddings, *layers[:len(layers) - train_last]]:
+                module.requires_grad_(False)
+
+    def gradnorm_parameters(self, layer: str = "last") -> list[nn.Parameter]:
+        """The trainable weights of the last shared layer whose task gradient norms GradNorm balances: the last
+        encoder layer's output projection ('last', the top LSTM layer for the BiLSTM) or the pooler ('pooler')."""
+        if layer not in ("last", "pooler"):
+            raise ConfigError(f"--gradnorm_layer must be 'last' or 'pooler', got {layer!r}")
+        if not self.is_bert:
+            if layer == "pooler":
+                raise ConfigError("--gradnorm_layer pooler needs a BERT encoder; use last with the bilstm baseline")
+            params = self.bert.last_layer_parameters()
+        elif layer == "pooler":
+            if self.config.pooling != "pooler":
+                raise ConfigError(f"--gradnorm_layer pooler needs --pooling pooler (with --pooling "
+                                  f"{self.config.pooling} the pooler is not in the graph); use --gradnorm_layer last")
+            params = list(self.bert.pooler.dense.parameters())
+        else:
+            params = list(self.bert.encoder.layer[-1].output.dense.parameters())
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ConfigError(f"--gradnorm balances gradient norms on the {layer} shared layer, which is frozen here "
+                              "(--option pretrain, or LoRA in lll mode); train it or leave --gradnorm out")
+        return params
+
+    def compile_encoder(self) -> None:
+        """torch.compile the encoder stack (dynamic shapes), which every forward path goes through; keys unchanged."""
+        if not self.is_bert:
+            raise ConfigError("--compile compiles BERT layers; the bilstm baseline cannot be compiled (leave it out)")
+        self.bert.encoder.compile(dynamic=True)
+
     # ---- forward --------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """Encoder inputs of a batch: (ids, mask, token types, paired). A bi-encoded pair batch stacks both sides,
-        padded to a common length, so one encoder call serves both: rows [:B] are side 1, [B:] side 2."""
+    def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(embedding-layer output (B, T, H), attention mask (B, T), paired). A bi-encoded pair batch stacks both
+        sides, padded to a common length, so one encoder call serves both: rows [:B] are side 1, [B:] side 2."""
         if "input_ids_1" not in batch:  # one sentence, or a cross-encoded pair
-            return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], False
-        T = max(batch["input_ids_1"].shape[1], batch["input_ids_2"].shape[1])
-        pad = lambda x: F.pad(x, (0, T - x.shape[1]))  # noqa: E731
-        ids, mask, types = (torch.cat([pad(batch[f"{key}_1"]), pad(batch[f"{key}_2"])])
-                            for key in ("input_ids", "attention_mask", "token_type_ids"))
-        return ids, mask, types, True
+            ids, mask, types, paired = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], False
+        else:
+            T = max(batch["input_ids_1"].shape[1], batch["input_ids_2"].shape[1])
+            pad = lambda x: F.pad(x, (0, T - x.shape[1]))  # noqa: E731
+            ids, mask, types = (torch.cat([pad(batch[f"{key}_1"]), pad(batch[f"{key}_2"])])
+                                for key in ("input_ids", "attention_mask", "token_type_ids"))
+            paired = True
+        return self.bert.embeddings(ids, types), mask, paired
 
     def from_embeddings(self, task: str, embeddings: torch.Tensor, attention_mask: torch.Tensor,
                         paired: bool) -> torch.Tensor:
@@ -125,81 +200,59 @@ class MultitaskBert(nn.Module):
         return self.heads[task](*x.chunk(2)) if paired else self.heads[task](x)
 
     def forward(self, task: str, batch: dict) -> torch.Tensor:
-        ids, mask, types, paired = self.inputs(batch)
-        return self.from_embeddings(task, self.bert.embeddings(ids, types), mask, paired)
-
-    @staticmethod
-    def criterion(task: str, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy (sentiment), binary cross-entropy on the logit (paraphrase), MSE on 0-5 (similarity)."""
-        kind, out = TASKS[task][0], out.float()
-        if kind == "sentiment":
-            return F.cross_entropy(out, labels)
-        if kind == "paraphrase":
-            return F.binary_cross_entropy_with_logits(out, labels.float())
-        return F.mse_loss(out, labels.float())
+        return self.from_embeddings(task, *self.embed(batch))
 
     def loss(self, task: str, batch: dict) -> torch.Tensor:
-        return self.criterion(task, self(task, batch), batch["labels"])
+        """The task's loss (data/tasks.py) on a batch with labels."""
+        return TASKS[task].loss(self(task, batch), batch["labels"])
 
-    @staticmethod
-    def probabilities(task: str, out: torch.Tensor) -> torch.Tensor:
-        """Model outputs in a space where averaging makes sense (ensembles): class probabilities (B, C),
-        paraphrase probability (B,), similarity score (B,)."""
-        kind, out = TASKS[task][0], out.float()
-        return out.softmax(-1) if kind == "sentiment" else torch.sigmoid(out) if kind == "paraphrase" else out
-
-    @staticmethod
-    def labels(task: str, probabilities: torch.Tensor) -> list:
-        """Probabilities -> labels: class index, 0/1 paraphrase, similarity clipped to [0, 5]."""
-        kind = TASKS[task][0]
-        if kind == "sentiment":
-            return probabilities.argmax(-1).tolist()
-        if kind == "paraphrase":
-            return (probabilities > 0.5).long().tolist()
-        return probabilities.clamp(0, 5).tolist()
-
-    # ---- notebook prediction API ------------------------------------------------------------------------------
+    # ---- prediction -------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _predict(self, task: str, texts: list[str], pairs: list[str] | None, batch_size: int, max_length: int):
-        if task not in self.heads:
-            raise ValueError(f"this model has no {task!r} head (tasks: {self.config.tasks})")
+    def predict_scores(self, encoded: EncodedTask, batch_size: int = 256, precision: str = "fp32",
+                       progress: bool = True) -> dict[str, torch.Tensor]:
+        """Scores by id for every row (Task.scores: class probabilities, paraphrase probability or similarity), in
+        large length-sorted batches, under `precision` ("fp32", "bf16" or "fp16" autocast)."""
+        if encoded.task not in self.heads:
+            raise ConfigError(f"this model has no {encoded.task!r} head (its tasks: {', '.join(self.config.tasks)})")
         was_training = self.training
         self.eval()
-        device, max_length = next(self.parameters()).device, self.fit_length(max_length)
-        results = []
-        for s in range(0, len(texts), batch_size):
-            chunk, pchunk = texts[s:s + batch_size], None if pairs is None else pairs[s:s + batch_size]
-            if pchunk is not None and self.config.pair_encoding == "bi":
-                batch = {f"{k}_{side}": v for side, part in ((1, chunk), (2, pchunk))
-                         for k, v in self.tokenizer(part, max_length=max_length).items()}
-            else:
-                batch = self.tokenizer(chunk, pchunk, max_length=max_length)
-            out = self(task, {k: v.to(device) for k, v in batch.items()})
-            results += self.labels(task, self.probabilities(task, out))
+        device, task, out = next(self.parameters()).device, TASKS[encoded.task], {}
+        for batch in tqdm(eval_batches(encoded, batch_size), total=-(-len(encoded) // batch_size),
+                          desc=f"predict {encoded.task}", disable=not progress, leave=False):
+            with autocast(device, precision):
+                y = self(encoded.task, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})
+            out.update(zip(batch["ids"], task.scores(y).cpu()))
         self.train(was_training)
-        return results
+        return {i: out[i] for i in encoded.ids}
 
-    def predict_sentiment(self, texts: list[str], task: str = "sst", batch_size: int = 64,
-                          max_length: int = 128) -> list[int]:
+    def _predict(self, task: str, texts: list[str], pairs: list[str] | None, batch_size: int, max_length: int,
+                 precision: str) -> list:
+        dataset = TaskDataset(TASKS[task], Path("<texts>"), [str(i) for i in range(len(texts))], list(texts),
+                              None if pairs is None else list(pairs))
+        scores = self.predict_scores(self.encode(dataset, max_length), batch_size, precision, progress=False)
+        return TASKS[task].labels(torch.stack(list(scores.values()))) if scores else []
+
+    def predict_sentiment(self, texts: list[str], task: str = "sst", batch_size: int = 64, max_length: int = 128,
+                          precision: str = "fp32") -> list[int]:
         """Class per text (SST: 0 very negative ... 4 very positive)."""
-        return self._predict(task, list(texts), None, batch_size, max_length)
+        return self._predict(task, texts, None, batch_size, max_length, precision)
 
-    def predict_paraphrase(self, pairs: list[tuple[str, str]], batch_size: int = 64,
-                           max_length: int = 128) -> list[int]:
+    def predict_paraphrase(self, pairs: list[tuple[str, str]], batch_size: int = 64, max_length: int = 128,
+                           precision: str = "fp32") -> list[int]:
         """1 if the two questions are paraphrases, else 0."""
-        return self._predict("para", [a for a, _ in pairs], [b for _, b in pairs], batch_size, max_length)
+        return self._predict("para", [a for a, _ in pairs], [b for _, b in pairs], batch_size, max_length, precision)
 
-    def predict_similarity(self, pairs: list[tuple[str, str]], batch_size: int = 64,
-                           max_length: int = 128) -> list[float]:
+    def predict_similarity(self, pairs: list[tuple[str, str]], batch_size: int = 64, max_length: int = 128,
+                           precision: str = "fp32") -> list[float]:
         """Similarity in [0, 5] per pair."""
-        return self._predict("sts", [a for a, _ in pairs], [b for _, b in pairs], batch_size, max_length)
+        return self._predict("sts", [a for a, _ in pairs], [b for _, b in pairs], batch_size, max_length, precision)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
     def checkpoint_config(self, adapters_only: bool = False) -> dict:
         return {"format": FORMAT, "base_model": self.base_model, "bert": self.bert.config.to_dict(),
-                "encoder": "bilstm" if isinstance(self.bert, BiLSTMEncoder) else "bert",
+                "encoder": "bert" if self.is_bert else "bilstm",
                 "heads": dataclasses.asdict(self.config), "lora": self.lora and self.lora.to_dict(),
                 "pals": self.pals_config and self.pals_config.to_dict(),
                 "adapters_only": adapters_only, "base_fingerprint": self.base_fingerprint}
@@ -224,46 +277,58 @@ class MultitaskBert(nn.Module):
         """Rebuild a model saved by `save` (a directory of safetensors + JSON; pickled files are refused).
         An adapter-only checkpoint is loaded on top of its base model, which must be the one it was trained on."""
         path = Path(path)
-        if path.suffix in PICKLE_SUFFIXES or (path.is_dir() and not (path / "model.safetensors").exists()
-                                              and any(path.glob("*" + s) for s in PICKLE_SUFFIXES)):
-            raise CheckpointError(f"minbert: refusing {path}: pickled checkpoints can run arbitrary code; minbert "
-                                  "checkpoints are directories with model.safetensors and config.json")
-        for name in ("config.json", "model.safetensors"):
-            if not (path / name).is_file():
-                raise CheckpointError(f"minbert: {path} is not a minbert checkpoint (no {name}); "
-                                      "pass the directory train.py wrote, e.g. runs/NAME/best")
-        config = json.loads((path / "config.json").read_text())
+        check_checkpoint_dir(path)
+        config = read_json(path / "config.json")
         if config.get("format") != FORMAT:
             raise CheckpointError(f"minbert: {path / 'config.json'} is not a {FORMAT} checkpoint config "
                                   "(a plain BERT checkpoint goes to train.py --model instead)")
-        heads, lora = HeadConfig(**config["heads"]), config.get("lora") and LoRAConfig.from_dict(config["lora"])
-        pals = config.get("pals") and PALsConfig.from_dict(config["pals"])
-        if config.get("adapters_only"):
-            model = cls(BertModel.from_pretrained(config["base_model"]), heads, Tokenizer.from_pretrained(path),
-                        config["base_model"], lora, pals)
-            if model.base_fingerprint != config["base_fingerprint"]:
-                raise CheckpointError(
-                    f"minbert: {path} holds adapters trained on base model {config['base_model']!r} (weights "
-                    f"{config['base_fingerprint'][:12]}), but that name now gives other weights "
-                    f"({model.base_fingerprint[:12]}); load it on the base model it was trained on")
-        else:
-            encoder = BiLSTMEncoder(BiLSTMConfig.from_dict(config["bert"])) if config.get("encoder") == "bilstm" \
-                else BertModel(BertConfig.from_dict(config["bert"]))
-            model = cls(encoder, heads, Tokenizer.from_pretrained(path), config["base_model"], lora, pals,
-                        config.get("base_fingerprint"))
-        file = path / "model.safetensors"
-        with safe_open(file, "pt", device=str(device)) as f:
-            saved = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            heads, lora = HeadConfig(**config["heads"]), config.get("lora") and LoRAConfig.from_dict(config["lora"])
+            pals = config.get("pals") and PALsConfig.from_dict(config["pals"])
+            if config.get("adapters_only"):
+                model = cls(BertModel.from_pretrained(config["base_model"]), heads, Tokenizer.from_pretrained(path),
+                            config["base_model"], lora, pals)
+            else:
+                encoder = BiLSTMEncoder(BiLSTMConfig.from_dict(config["bert"])) \
+                    if config.get("encoder") == "bilstm" else BertModel(BertConfig.from_dict(config["bert"]))
+                model = cls(encoder, heads, Tokenizer.from_pretrained(path), config["base_model"], lora, pals,
+                            config.get("base_fingerprint"))
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(f"minbert: {path / 'config.json'} does not describe a model "
+                                  f"({type(err).__name__}: {err})") from None
+        if config.get("adapters_only") and model.base_fingerprint != config["base_fingerprint"]:
+            raise CheckpointError(
+                f"minbert: {path} holds adapters trained on base model {config['base_model']!r} (weights "
+                f"{config['base_fingerprint'][:12]}), but that name now gives other weights "
+                f"({model.base_fingerprint[:12]}); load it on the base model it was trained on")
+        saved, _ = read_tensors(path / "model.safetensors", device)
         if config.get("adapters_only"):
             saved = {**model.state_dict(), **saved}  # the base supplies the rest; unknown keys still fail
-        load_checked(model, saved, file, optional=())
+        load_checked(model, saved, path / "model.safetensors", optional=())
         return model.to(device).eval()
 
     @staticmethod
     def checkpoint_metadata(path: str | Path) -> dict:
         """The metadata saved with the weights (epoch, step, dev scores ...)."""
-        with safe_open(Path(path) / "model.safetensors", "pt") as f:
-            return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        _, metadata = read_tensors(Path(path) / "model.safetensors")
+        return {k: json.loads(v) for k, v in metadata.items()}
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """Refuse pickles and run folders with a message that says what to pass instead."""
+    pickles = [p for p in ([path] if path.is_file() else path.glob("*")) if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not (path / "model.safetensors").is_file():
+        raise CheckpointError(f"minbert: refusing {pickles[0]}: pickled checkpoints can run arbitrary code; minbert "
+                              "checkpoints are directories with model.safetensors and config.json")
+    if any((path / marker).exists() for marker in RUN_MARKERS):
+        raise CheckpointError(f"minbert: {path} is a training run folder, not a checkpoint: pass {path / 'best'} "
+                              f"(the best dev checkpoint) or {path / 'last'} (the latest)")
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"minbert: {path} is not a minbert checkpoint (no {name}); "
+                                  "pass the directory train.py wrote, e.g. runs/NAME/best")
 
 
 def fingerprint(bert: BertModel) -> str:

@@ -3,8 +3,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# task -> (kind, outputs): "sentiment" classifies one sentence; "paraphrase" (1 logit) and "similarity" (0-5) pairs
-TASKS = {"sst": ("sentiment", 5), "cfimdb": ("sentiment", 2), "para": ("paraphrase", 1), "sts": ("similarity", 1)}
 SENTIMENT_HEADS = ("linear", "mlp")
 # pair heads on bi-encoded vectors u, v (siamese); "linear" is for a cross-encoded pair vector
 PAIR_FEATURES = {

@@ -30,7 +30,6 @@ class BiLSTMConfig(DictConfig):
             raise ValueError(f"BiLSTMConfig: hidden_size {self.hidden_size} must be even (two directions)")
 
 
-
 class BiLSTMEmbeddings(nn.Module):
     """Trainable word embeddings and dropout; no positions or token types (the LSTM is ordered by construction)."""
 
@@ -73,3 +72,8 @@ class BiLSTMEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, adapter=None) -> dict:
         return self.encode(self.embeddings(input_ids, token_type_ids), attention_mask, adapter)
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """The weights of the top LSTM layer, both directions (the last shared layer, for GradNorm)."""
+        top = f"_l{self.config.num_layers - 1}"
+        return [p for name, p in self.lstm.named_parameters() if name.endswith((top, top + "_reverse"))]

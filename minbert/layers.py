@@ -1,5 +1,5 @@
 """Transformer encoder layers: attention block, feed-forward block, post-LayerNorm residuals."""
-from typing import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -8,9 +8,16 @@ from torch import nn
 from .attention import BertSelfAttention, Unpadded
 from .config import BertConfig
 
-# A layer-parallel adapter (PALs, Stickland & Murray 2019): adapter(layer_index, h, mask, layout) -> TS(h), h's
-# shape, added to the layer's last residual inside its LayerNorm, or after it when adapter.after_norm is True.
-Adapter = Callable[[int, torch.Tensor, torch.Tensor | None, Unpadded | None], torch.Tensor]
+
+class Adapter(Protocol):
+    """A layer-parallel adapter (PALs, Stickland & Murray 2019): adapter(i, h, mask, layout) is layer i's TS(h), h's
+    shape, added to the layer's last residual inside its LayerNorm, or after that LayerNorm when `after_norm`."""
+
+    after_norm: bool
+
+    def __call__(self, layer_index: int, h: torch.Tensor, mask: torch.Tensor | None,
+                 layout: Unpadded | None) -> torch.Tensor: ...
+
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact erf form, as in the original BERT
@@ -85,5 +92,5 @@ class BertEncoder(nn.Module):
                 layout: Unpadded | None = None) -> torch.Tensor:
         for i, layer in enumerate(self.layer):
             ts = None if adapter is None else adapter(i, x, mask, layout)
-            x = layer(x, mask, ts, getattr(adapter, "after_norm", False), layout)
+            x = layer(x, mask, ts, adapter is not None and adapter.after_norm, layout)
         return x

@@ -53,9 +53,8 @@ class PALsConfig(DictConfig):
         return [(k, self.dim or DEFAULT_DIM[k]) for k in kinds]
 
 
-
 class TaskPALs(nn.Module):
-    """One task's TS for every layer, an Adapter: self(i, h, mask) = V_D g_i(V_E h) (§3), (B, T, H)."""
+    """One task's TS for every layer, a minbert.layers.Adapter: self(i, h, mask) = V_D g_i(V_E h) (§3), (B, T, H)."""
 
     def __init__(self, config: PALsConfig, bert_config: BertConfig):
         super().__init__()

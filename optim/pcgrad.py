@@ -32,15 +32,12 @@ def pcgrad(
     task_grads: Sequence[Sequence[Tensor | None]],
     shuffle: bool = True,
     generator: torch.Generator | None = None,
-    reduction: str = "sum",
 ) -> list[Tensor | None]:
     """Combine per-task gradients with PCGrad and return one gradient per parameter (None if no task had one).
 
     ``task_grads[i][p]`` is task i's gradient of parameter p (None = zero). Dot products are global over all
     parameters and computed in float32; outputs keep each parameter's input dtype.
     """
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     k = len(task_grads)
     if k == 0:
         raise ValueError("need at least one task")
@@ -65,8 +62,6 @@ def pcgrad(
     ])
     gram = (flat @ flat.T).double().tolist()  # (k, k) g_i·g_j, computed once
     weights = torch.tensor(_projection_weights(gram, shuffle, generator), dtype=torch.float32, device=device)  # (k,)
-    if reduction == "mean":
-        weights = weights / k
     combined = weights @ flat  # (D,)
 
     out: list[Tensor | None] = [None] * num_params

@@ -2,25 +2,16 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Mapping, Sequence
 
 import torch
 
 MODES = ("random", "round_robin", "proportional", "annealed", "sequential")
-BATCHING = ("natural", "loop")
 
 
-def batches_per_task(sizes: Mapping[str, int], batch_size: int, mode: str = "natural") -> dict[str, int]:
-    """Batches per epoch for each task: ``natural`` = ceil(N_i / batch_size); ``loop`` gives every task the
-    largest task's count (smaller datasets are cycled)."""
-    if mode not in BATCHING:
-        raise ValueError(f"unknown batching mode {mode!r}; expected one of {BATCHING}")
-    natural = {task: math.ceil(n / batch_size) for task, n in sizes.items()}
-    if mode == "natural":
-        return natural
-    most = max(natural.values())
-    return {task: most for task in natural}
+def batches_per_task(sizes: Mapping[str, int], batch_size: int) -> dict[str, int]:
+    """Batches in one pass over each task: ceil(N_i / batch_size)."""
+    return {task: math.ceil(n / batch_size) for task, n in sizes.items()}
 
 
 def annealing_alpha(epoch: int, num_epochs: int, c: float = 0.8) -> float:
@@ -43,7 +34,6 @@ class TaskSampler:
         mode: str,
         *,
         batch_size: int = 1,
-        batching: str = "natural",
         num_epochs: int = 1,
         order: Sequence[str] | None = None,
         anneal_c: float = 0.8,
@@ -56,7 +46,7 @@ class TaskSampler:
             raise ValueError(f"order {self.tasks} must be a permutation of the tasks {list(sizes)}")
         self.sizes = {task: sizes[task] for task in self.tasks}
         self.mode, self.num_epochs, self.anneal_c, self.seed = mode, num_epochs, anneal_c, seed
-        self.batches = batches_per_task(self.sizes, batch_size, batching)
+        self.batches = batches_per_task(self.sizes, batch_size)
         self.steps_per_epoch = sum(self.batches.values())
 
     def probabilities(self, epoch: int) -> dict[str, float]:
@@ -84,8 +74,3 @@ class TaskSampler:
         probs = torch.tensor(list(self.probabilities(epoch).values()), dtype=torch.float64)  # (num_tasks,)
         draws = torch.multinomial(probs, self.steps_per_epoch, replacement=True, generator=generator)
         return [self.tasks[i] for i in draws.tolist()]
-
-    def counts(self, epoch: int) -> dict[str, int]:
-        """Batches drawn for each task in ``epoch`` (for reporting)."""
-        drawn = Counter(self.schedule(epoch))
-        return {t: drawn[t] for t in self.tasks}

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 KINDS = ("classification", "binary", "regression")
-NORMS = ("inf", "l2")
 Embeddings = Tensor | tuple[Tensor, ...]
 
 
@@ -29,18 +28,9 @@ def divergence(a: Tensor, b: Tensor, kind: str) -> Tensor:
     return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1).mean()  # KL(p‖q) + KL(q‖p) = Σ (p−q)(log p−log q)
 
 
-def _per_example_norm(x: Tensor, norm: str) -> Tensor:
-    """‖x_i‖ over all but the batch dim, shaped to broadcast against x: (B, 1, ..., 1)."""
-    flat = x.flatten(1)
-    out = flat.abs().amax(1) if norm == "inf" else flat.norm(dim=1)
-    return out.view(-1, *[1] * (x.dim() - 1))
-
-
-def _project(delta: Tensor, epsilon: float, norm: str) -> Tensor:
-    """Π onto the per-example ε-ball {‖δ_i‖ ≤ ε} of the chosen norm."""
-    if norm == "inf":
-        return delta.clamp(-epsilon, epsilon)
-    return delta * (epsilon / _per_example_norm(delta, norm).clamp_min(epsilon))
+def _per_example_max(x: Tensor) -> Tensor:
+    """‖x_i‖∞ over all but the batch dim, shaped to broadcast against x: (B, 1, ..., 1)."""
+    return x.flatten(1).abs().amax(1).view(-1, *[1] * (x.dim() - 1))
 
 
 def smart_loss(
@@ -52,14 +42,12 @@ def smart_loss(
     epsilon: float = 1e-5,
     step_size: float = 1e-3,
     steps: int = 1,
-    norm: str = "inf",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """R_s = ℓ_s(f(x + δ), f(x)) (eq. 3): δ ~ N(0, σ²I), then ``steps`` ascent steps δ ← Π_ε(δ + η g/‖g‖), g = ∇_δ ℓ_s,
-    on detached x and f(x) (Alg. 1; norms per example, each tensor of a tuple perturbed on its own). R back-propagates
-    through f(x + δ), ``clean_output`` (= forward_from_embeddings(embeddings), with graph) and x, not through δ."""
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    """R_s = ℓ_s(f(x + δ), f(x)) (eq. 3): δ ~ N(0, σ²I), then ``steps`` ascent steps δ ← Π_ε(δ + η g/‖g‖∞), g = ∇_δ ℓ_s,
+    Π_ε the projection onto the L∞ ball of radius ε, on detached x and f(x) (Alg. 1; norms per example, each tensor of a
+    tuple perturbed on its own). R back-propagates through f(x + δ), ``clean_output`` (= forward_from_embeddings(
+    embeddings), with graph) and x, not through δ."""
     single = isinstance(embeddings, Tensor)
     xs = (embeddings,) if single else tuple(embeddings)
 
@@ -72,7 +60,7 @@ def smart_loss(
         deltas = [d.requires_grad_() for d in deltas]
         adv = divergence(f(tuple(x.detach() + d for x, d in zip(xs, deltas))), target, kind)
         grads = torch.autograd.grad(adv, deltas)
-        deltas = [_project(d.detach() + step_size * g / _per_example_norm(g, norm).clamp_min(1e-12), epsilon, norm)
+        deltas = [(d.detach() + step_size * g / _per_example_max(g).clamp_min(1e-12)).clamp(-epsilon, epsilon)
                   for d, g in zip(deltas, grads)]
     return divergence(f(tuple(x + d for x, d in zip(xs, deltas))), clean_output, kind)
 

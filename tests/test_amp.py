@@ -55,8 +55,7 @@ def test_autocast_gradients_are_close_to_float32(tiny_model_dir):
 def test_train_with_amp_on_cpu(tiny_model_dir, tiny_data_dir, tmp_path):
     metrics = train.main(["--model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir), "--epochs", "1",
                           "--steps_per_epoch", "3", "--batch_size", "6", "--amp", "--output_dir", str(tmp_path)])
-    assert json.loads((tmp_path / "train_config.json").read_text())["amp"] is True
+    assert json.loads((tmp_path / "train_config.json").read_text())["run"]["amp"] == "bf16"  # a bare --amp
     assert "device cpu (bf16 autocast) x 1 process(es)" in (tmp_path / "run.log").read_text()
     assert "overall" in metrics and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
-    default = train.parse_args(["--device", "cpu"])
-    assert default.amp is None  # resolved per device: float32 on the CPU, bf16 on CUDA
+    assert train.parse_args(["--device", "cpu"]).run.amp == "auto"  # resolved per device: float32 on the CPU

@@ -1,11 +1,14 @@
 """Tests for data/: readers on the real files and on broken tmp files, collate, bucketing, stream resume."""
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from data import (QUORA, SST, STS, DataError, TaskStream, batch_indices, collate, encode_dataset, eval_batches,
-                  load_split, read_task)
+from data import (TASKS, DataError, TaskStream, batch_indices, collate, encode_dataset, eval_batches, load_split,
+                  read_task)
+
+SST, QUORA, STS = TASKS["sst"], TASKS["para"], TASKS["sts"]
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
@@ -117,14 +120,47 @@ def test_missing_column(tmp_path):
     (QUORA, "\tid\tsentence1\tsentence2\tis_duplicate\n0\ta\tx\ty\t2.0\n", "line 2: label '2.0' out of range"),
     (SST, SST_HEAD + "0\ta\tok\t1\n1\tb\t   \t1\n", "line 3: empty sentence in column 'sentence'"),
     (STS, STS_HEAD + "0\ta\tx\t\t1.0\n", "line 2: empty sentence in column 'sentence2'"),
+    (SST, SST_HEAD + "0\ta\tgood\t3\n1\tb\tbad\t2\textra\tcells\n",
+     "line 3: 2 more field(s) than the header's 4 (a stray tab?)"),
 ])
 def test_bad_rows_skipped_or_strict(tmp_path, spec, text, problem):
     path = write(tmp_path, text)
     data = read_task(path, spec)
     assert len(data.skipped) == 1 and f"f.csv {problem}" in data.skipped[0]
     assert len(data) == text.count("\n") - 2
-    with pytest.raises(DataError, match="f.csv " + problem.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(DataError, match=re.escape("f.csv " + problem)):
         read_task(path, spec, strict=True)
+
+
+@pytest.mark.parametrize("split", ["dev", "test"])
+def test_duplicate_ids_in_dev_and_test_files_stop_with_both_lines(tmp_path, split):
+    head = SST_HEAD if split == "dev" else "0\t\tid\tsentence\n"
+    rows = ["0\ta\tgood\t3", "1\tb\tbad\t1", "2\ta\tfine\t2"] if split == "dev" else \
+        ["1\t0.0\ta\tgood", "2\t1.0\tb\tbad", "3\t2.0\ta\tfine"]
+    write(tmp_path, head + "\n".join(rows) + "\n", f"ids-sst-{split if split == 'dev' else 'test-student'}.csv")
+    with pytest.raises(DataError, match=r"line 4: id 'a' already used on line 2 \(predictions are keyed by id"):
+        load_split(tmp_path, "sst", split)
+    write(tmp_path, SST_HEAD + "\n".join(["0\ta\tgood\t3", "1\ta\tbad\t1"]) + "\n", "ids-sst-train.csv")
+    assert load_split(tmp_path, "sst", "train").ids == ["a", "a"]  # training rows are not keyed by id
+
+
+@pytest.mark.parametrize("text, reason", [
+    (SST_HEAD, "it is empty"),
+    (SST_HEAD + "0\ta\tgood\tx\n1\tb\t \t2\n", "all 2 rows are broken, e.g. ids-sst-dev.csv line 2: unparsable"),
+])
+def test_a_file_without_usable_rows_stops_naming_it(tmp_path, text, reason):
+    write(tmp_path, text, "ids-sst-dev.csv")
+    with pytest.raises(DataError, match=rf"^ids-sst-dev\.csv: no usable sst dev rows \({reason}"):
+        load_split(tmp_path, "sst", "dev")
+
+
+def test_skipped_rows_are_reported(tmp_path):
+    write(tmp_path, SST_HEAD + "0\ta\tgood\tx\n1\tb\tbad\t2\n", "ids-sst-train.csv")
+    reports = []
+    assert load_split(tmp_path, "sst", "train", report=reports.append).ids == ["b"]
+    assert reports == ["ids-sst-train.csv: skipped 1 broken row(s): ids-sst-train.csv line 2: unparsable label 'x' "
+                       "in column 'sentiment' (expected an integer 0-4) (fix the row, or run without --strict to "
+                       "skip it)"]
 
 
 def test_non_utf8_reports_line(tmp_path):
@@ -201,7 +237,7 @@ def test_task_stream_resume_and_determinism(tmp_path):
     enc = encode_dataset(read_task(write(tmp_path, SST_HEAD + rows), SST), FakeTok())
     stream = TaskStream(enc, batch_size=4, seed=3, bucket=True)
     assert stream.batches_per_pass == 6
-    first_pass = [stream.next()["ids"] for _ in range(6)]
+    first_pass = [next(stream)["ids"] for _ in range(6)]
     assert sorted(i for b in first_pass for i in b) == sorted(enc.ids)
     for _ in range(2):  # into pass 1
         next(stream)
@@ -214,5 +250,5 @@ def test_task_stream_resume_and_determinism(tmp_path):
         assert a["ids"] == b["ids"] and torch.equal(a["input_ids"], b["input_ids"])
         assert torch.equal(a["labels"], b["labels"])
     fresh = TaskStream(enc, batch_size=4, seed=3, bucket=True)
-    assert [fresh.next()["ids"] for _ in range(6)] == first_pass
-    assert TaskStream(enc, 4, seed=4, bucket=True).next()["ids"] != first_pass[0]
+    assert [next(fresh)["ids"] for _ in range(6)] == first_pass
+    assert next(TaskStream(enc, 4, seed=4, bucket=True))["ids"] != first_pass[0]

@@ -64,17 +64,6 @@ def test_none_entries_count_as_zero():
     torch.testing.assert_close(out, [t(1.5), t(-0.5)])
 
 
-def test_reduction_mean_divides_by_number_of_tasks():
-    gen = torch.Generator().manual_seed(1)
-    grads = [[torch.randn(7, generator=gen), torch.randn(2, 2, generator=gen)] for _ in range(3)]
-    summed = pcgrad(grads, shuffle=False)
-    mean = pcgrad(grads, shuffle=False, reduction="mean")
-    for s, m in zip(summed, mean):
-        torch.testing.assert_close(m, s / 3)
-    with pytest.raises(ValueError):
-        pcgrad(grads, reduction="max")
-
-
 def _direct_pcgrad(flat_grads, orders):
     """Alg. 1 written out on full vectors, with explicit per-task orders of the other tasks."""
     total = torch.zeros_like(flat_grads[0], dtype=torch.float64)

@@ -1,6 +1,7 @@
-"""train.py -> evaluate.py end to end on a tiny random model and tiny CSVs: checkpoints, resume, failures."""
+"""train.py -> evaluate.py end to end on a tiny random model and tiny CSVs: checkpoints, methods, resume, baselines."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,12 +9,40 @@ from safetensors.torch import load_file
 
 import evaluate
 import train
+from data import TASKS
 from heads import MultitaskBert
+from training.config import TrainConfig
+from training.step import MethodState, Runtime
 
 
 def run_args(model_dir, data_dir, out, *extra) -> list[str]:
     return ["--model", str(model_dir), "--data_dir", str(data_dir), "--output_dir", str(out), "--epochs", "2",
             "--steps_per_epoch", "3", "--batch_size", "4", "--lr", "1e-3", "--eval_batch_size", "8", *extra]
+
+
+def exits(capsys, code: int, pattern: str, main, argv) -> str:
+    """Run a script's main, expect exit `code` and a one-line stderr message matching `pattern`; return it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == code, err
+    assert re.search(pattern, err), err
+    return err
+
+
+def weights(run) -> dict:
+    return load_file(Path(run) / "last" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def without_timings(record: dict) -> dict:
+    return {k: v for k, v in record.items() if "seconds" not in k and "per_s" not in k}
 
 
 def test_train_then_evaluate_writes_checkpoints_logs_and_prediction_files(tiny_model_dir, tiny_data_dir, tmp_path,
@@ -22,11 +51,18 @@ def test_train_then_evaluate_writes_checkpoints_logs_and_prediction_files(tiny_m
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
-    assert set(metrics) == {"sst_acc", "para_acc", "sts_pearson", "overall"}
+    assert list(metrics) == ["sst_acc", "sst_macro_f1", "para_acc", "para_f1", "sts_pearson", "sts_spearman",
+                             "sts_mse", "overall"]
     best = max(records, key=lambda r: r["overall"])
     assert MultitaskBert.checkpoint_metadata(run / "best")["overall"] == best["overall"]
+    assert metrics == {k: best[k] for k in metrics}
     config = json.loads((run / "train_config.json").read_text())
-    assert config["model"] == str(tiny_model_dir) and config["epochs"] == 2
+    assert config["model"]["model"] == str(tiny_model_dir) and config["loop"]["epochs"] == 2
+    # one checkpoint set per saved step; the pointer names last and best, the links follow it
+    pointer = json.loads((run / "checkpoint.json").read_text())
+    assert pointer["last"] == "checkpoints/step-000006" and (run / "last").resolve() == run / pointer["last"]
+    assert (run / "best").resolve() == run / pointer["best"] == run / f"checkpoints/step-{best['step']:06d}"
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {Path(pointer[k]).name for k in ("last", "best")}
 
     capsys.readouterr()
     scores = evaluate.main([str(run / "best"), "--data_dir", str(tiny_data_dir), "--output_dir",
@@ -54,30 +90,39 @@ def test_train_then_evaluate_writes_checkpoints_logs_and_prediction_files(tiny_m
     assert sum(sst_pred[f"sstdev{i}"] == gold[i] for i in range(20)) / 20 == pytest.approx(scores["sst_acc"])
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
-    args = run_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", "--save_every", "2")
-    train.main(args)
+def kill_at_step(monkeypatch, n: int) -> None:
+    """train_step raises KeyboardInterrupt (Ctrl-C) at its n-th call."""
     real_step, calls = train.train_step, {"n": 0}
 
-    def dies_at_step_5(*a, **kw):
+    def dies(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # a kill after the state saved at step 4
+        if calls["n"] == n:
+            raise KeyboardInterrupt
         return real_step(*a, **kw)
-    monkeypatch.setattr(train, "train_step", dies_at_step_5)
-    args_b = run_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", "--save_every", "2")
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args_b)
-    monkeypatch.setattr(train, "train_step", real_step)
-    assert json.loads((tmp_path / "b" / "train_state.json").read_text())["global_step"] == 4
+    monkeypatch.setattr(train, "train_step", dies)
+
+
+@pytest.mark.parametrize("extra", [[], ["--pcgrad"], ["--gradnorm"], ["--smart", "--smart_bregman", "0.5"],
+                                   ["--pals", "pal", "--pals_dim", "12", "--pals_share_ve_vd"],
+                                   ["--scheduler", "annealed"], ["--scheduler", "sequential", "--task_order",
+                                                                 "sts,para,sst", "--steps_per_epoch", "9"]])
+def test_methods_train_and_resume_exactly(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys, extra):
+    train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", "--save_every", "2", *extra))
+    kill_at_step(monkeypatch, 5)
+    args_b = run_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", "--save_every", "2", *extra)
+    exits(capsys, 130, "interrupted; continue with: .* --resume", train.main, args_b)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 4
     train.main(args_b + ["--resume"])
-    a, b = load_file(tmp_path / "a" / "last" / "model.safetensors"), load_file(tmp_path / "b" / "last" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    last = lambda run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {k: v for k, v in last("a").items() if "seconds" not in k and "per_s" not in k} == \
-        {k: v for k, v in last("b").items() if "seconds" not in k and "per_s" not in k}
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    records = {r: [without_timings(json.loads(line)) for line in (tmp_path / r / "metrics.jsonl").read_text()
+                   .splitlines()] for r in "ab"}
+    assert records["a"] == records["b"] and len(records["a"]) == 2
+    steps = 9 if "--steps_per_epoch" in extra else 3
+    assert sum(records["a"][-1]["steps_per_task"].values()) == steps * (1 if "--scheduler" in extra else 3)
+    if "--gradnorm" in extra:
+        w = [records["a"][-1][f"gradnorm_w_{t}"] for t in ("sst", "para", "sts")]
+        assert sum(w) == pytest.approx(3.0) and w != [1.0, 1.0, 1.0]
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(tiny_model_dir, tiny_data_dir, tmp_path,
@@ -89,12 +134,11 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(tiny_model_dir, 
         loss = real_loss(self, task, batch)
         return loss * float("nan") if calls["n"] > 10 else loss  # 3 tasks x 3 steps in epoch 1
     monkeypatch.setattr(MultitaskBert, "loss", nan_in_epoch_2)
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "run"))
-    assert exit_info.value.code == 1
-    out = capsys.readouterr().out
-    assert "loss is nan at epoch 2 step 1; training stopped" in out and str(tmp_path / "run" / "best") in out
-    assert MultitaskBert.checkpoint_metadata(tmp_path / "run" / "best")["epoch"] == 1
+    run = tmp_path / "run"
+    err = exits(capsys, 1, r"^error: the para loss is nan at epoch 2 step 1; training stopped", train.main,
+                run_args(tiny_model_dir, tiny_data_dir, run))
+    assert str(run / "best") in err and err in "error: " + (run / "run.log").read_text().splitlines()[-1]
+    assert MultitaskBert.checkpoint_metadata(run / "best")["epoch"] == 1
 
 
 @pytest.mark.parametrize("option,extra,frozen,trained", [
@@ -104,9 +148,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(tiny_model_dir, 
 ])
 def test_freezing_options(tiny_model_dir, tiny_data_dir, tmp_path, option, extra, frozen, trained):
     train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "run", "--option", option, *extra))
-    torch.manual_seed(train.TrainConfig.seed)  # the initialisation train.py started from
+    torch.manual_seed(TrainConfig().run.seed)  # the initialisation train.py started from
     before = MultitaskBert.from_pretrained(str(tiny_model_dir)).state_dict()
-    after = load_file(tmp_path / "run" / "last" / "model.safetensors")
+    after = weights(tmp_path / "run")
     assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("heads."))
     for key, value in after.items():
         if key.startswith(tuple(frozen)):
@@ -115,23 +159,11 @@ def test_freezing_options(tiny_model_dir, tiny_data_dir, tmp_path, option, extra
             assert not torch.equal(value, before[key]), key
 
 
-def test_bad_inputs_exit_with_one_line(tiny_model_dir, tiny_data_dir, tmp_path):
-    with pytest.raises(SystemExit, match=r"error: ids-sst-train.csv: file not found \(looked for"):
-        train.main(run_args(tiny_model_dir, tmp_path, tmp_path / "run"))
-    with pytest.raises(SystemExit, match="error: minbert: model .*nope.* not found"):
-        train.main(run_args(tmp_path / "nope", tiny_data_dir, tmp_path / "run"))
-    with pytest.raises(SystemExit, match="error: --resume, but .* does not exist"):
-        train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "fresh", "--resume"))
-    torch.save({}, tmp_path / "pickled.pt")
-    with pytest.raises(SystemExit, match="refusing .*pickled.pt: pickled checkpoints"):
-        evaluate.main([str(tmp_path / "pickled.pt"), "--data_dir", str(tiny_data_dir)])
-
-
 def test_lora_adapter_only_checkpoint_reproduces_scores_and_checks_its_base(tiny_model_dir, tiny_data_dir, tmp_path,
                                                                            capsys):
     run = tmp_path / "run"
     train.main(run_args(tiny_model_dir, tiny_data_dir, run, "--lora", "4", "--lora_variant", "dora",
-                        "--lora_targets", "query,value,dense", "--save_adapters_only"))
+                        "--lora_targets", "query,value,dense", "--save_adapters_only", "--save_every", "2"))
     log = (run / "run.log").read_text()
     trainable, total = (int(x.replace(",", "")) for x in re.search(r"([\d,]+) trainable of ([\d,]+)", log).groups())
     model = MultitaskBert.from_checkpoint(run / "last")
@@ -152,15 +184,14 @@ def test_lora_adapter_only_checkpoint_reproduces_scores_and_checks_its_base(tiny
     other.mkdir()
     for f in tiny_model_dir.iterdir():
         (other / f.name).write_bytes(f.read_bytes())
-    weights = load_file(other / "model.safetensors")
-    weights["encoder.layer.0.output.dense.bias"] += 1
+    tensors = load_file(other / "model.safetensors")
+    tensors["encoder.layer.0.output.dense.bias"] += 1
     from safetensors.torch import save_file
-    save_file(weights, other / "model.safetensors")
+    save_file(tensors, other / "model.safetensors")
     config = json.loads((run / "best" / "config.json").read_text())
     (run / "best" / "config.json").write_text(json.dumps({**config, "base_model": str(other)}))
-    with pytest.raises(SystemExit, match="holds adapters trained on base model .*other-base.* but that name now "
-                                         "gives other weights"):
-        evaluate.main([str(run / "best"), "--data_dir", str(tiny_data_dir)])
+    exits(capsys, 1, "holds adapters trained on base model .*other-base.* but that name now gives other weights",
+          evaluate.main, [str(run / "best"), "--data_dir", str(tiny_data_dir)])
 
 
 def one_batch_per_task(model) -> dict:
@@ -172,68 +203,42 @@ def one_batch_per_task(model) -> dict:
                     "labels": torch.tensor([4.5, 0.5])}}
 
 
-def test_pcgrad_step_projects_shared_gradients_and_leaves_heads_alone(tiny_model_dir):
-    from types import SimpleNamespace
+@pytest.mark.parametrize("pals", [None, "pal"])
+def test_pcgrad_projects_shared_gradients_and_leaves_task_parameters_alone(tiny_model_dir, pals):
+    from minbert.pals import PALsConfig
     from optim import pcgrad
     torch.manual_seed(0)
-    model = MultitaskBert.from_pretrained(str(tiny_model_dir)).eval()  # no dropout: both passes see one function
-    batches = one_batch_per_task(model)
-    names = [n for n, p in model.named_parameters()]
+    model = MultitaskBert.from_pretrained(str(tiny_model_dir), pals=pals and PALsConfig(pals, 12)).eval()
+    batches = one_batch_per_task(model)  # eval mode: no dropout, so both passes compute one function
     per_task = []
     for task, batch in batches.items():  # the reference: each task's full gradient on its own
         model.zero_grad()
         model.loss(task, batch).backward()
         per_task.append({n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()})
-    shared = [n for n in names if not n.startswith("heads.")]
+    task_specific = ("heads.", "pals.")  # used by one task each: never projected
+    shared = [n for n, _ in model.named_parameters() if not n.startswith(task_specific)]
     torch.manual_seed(5)
     expected = dict(zip(shared, pcgrad([[g[n] for n in shared] for g in per_task])))
 
-    args = SimpleNamespace(grad_accum=1, amp=False, smart=False, pcgrad=True, grad_clip=0.0)
+    cfg = TrainConfig.from_flags(pcgrad=True, pals=pals, pals_dim=12)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     torch.manual_seed(5)
-    train.train_step(model, optimizer, {t: iter([b]) for t, b in batches.items()}, list(batches),
-                     torch.device("cpu"), args, train.Extras())
-    grads = dict(model.named_parameters())
+    train.train_step(model, optimizer, {t: iter([b]) for t, b in batches.items()}, list(batches), cfg,
+                     MethodState(), Runtime(torch.device("cpu")))
+    params = dict(model.named_parameters())
     for n in shared:
-        torch.testing.assert_close(grads[n].grad, expected[n], atol=1e-6, rtol=1e-5)
-    for i, task in enumerate(batches):  # heads: their own task's gradient, untouched
-        for n in names:
-            if n.startswith(f"heads.{task}."):
-                torch.testing.assert_close(grads[n].grad, per_task[i][n])
+        torch.testing.assert_close(params[n].grad, expected[n], atol=1e-6, rtol=1e-5)
+    for i, task in enumerate(batches):  # heads and PALs: their own task's gradient, untouched
+        for n in params:
+            if n.startswith((f"heads.{task}.", f"pals.{task}.")):
+                torch.testing.assert_close(params[n].grad, per_task[i][n])
+    assert pals is None or any(n.startswith("pals.para.") and params[n].grad.abs().sum() > 0 for n in params)
     summed = sum(g["bert.encoder.layer.0.attention.self.query.weight"] for g in per_task)
-    assert not torch.allclose(grads["bert.encoder.layer.0.attention.self.query.weight"].grad, summed), \
+    assert not torch.allclose(params["bert.encoder.layer.0.attention.self.query.weight"].grad, summed), \
         "these tasks conflict, so PCGrad must differ from the plain sum"
 
 
-@pytest.mark.parametrize("extra", [["--pcgrad"], ["--gradnorm"], ["--smart", "--smart_bregman", "0.5"],
-                                   ["--pals", "pal", "--pals_dim", "12", "--pals_share_ve_vd"],
-                                   ["--scheduler", "annealed"], ["--scheduler", "sequential", "--task_order",
-                                                                 "sts,para,sst"]])
-def test_methods_train_and_resume_exactly(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, extra):
-    train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", "--save_every", "2", *extra))
-    real_step, calls = train.train_step, {"n": 0}
-
-    def dies_at_step_5(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_step(*a, **kw)
-    monkeypatch.setattr(train, "train_step", dies_at_step_5)
-    args_b = run_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", "--save_every", "2", *extra)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args_b)
-    monkeypatch.setattr(train, "train_step", real_step)
-    train.main(args_b + ["--resume"])
-    a, b = (load_file(tmp_path / r / "last" / "model.safetensors") for r in ("a", "b"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    record = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert sum(record["steps_per_task"].values()) == 3 * (1 if "--scheduler" in extra else 3)
-    if "--gradnorm" in extra:
-        weights = [record[f"gradnorm_w_{t}"] for t in ("sst", "para", "sts")]
-        assert sum(weights) == pytest.approx(3.0) and weights != [1.0, 1.0, 1.0]
-
-
-def test_ensembles_average_member_probabilities(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+def test_ensembles_average_member_scores(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     runs = []
     for seed in ("1", "2"):
         train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / seed, "--seed", seed, "--epochs", "1"))
@@ -244,16 +249,16 @@ def test_ensembles_average_member_probabilities(tiny_model_dir, tiny_data_dir, t
     pair = evaluate.main([*runs, "--data_dir", str(tiny_data_dir), "--output_dir", str(tmp_path / "p12")])
     out = capsys.readouterr().out
     assert "| ensemble of 2 |" in out and out.count(runs[0]) >= 1 and out.count(runs[1]) >= 1
-    # by hand: average each member's probabilities, then label
+    # by hand: average each member's scores, then label
     from data import encode_dataset, load_split
     members = [MultitaskBert.from_checkpoint(r) for r in runs]
     expected = {}
     for task in ("sst", "para", "sts"):
         dev = load_split(tiny_data_dir, task, "dev")
-        probs = [evaluate.predict(m, encode_dataset(dev, m.tokenizer, 128, m.config.pair_encoding), 8,
-                                  torch.device("cpu"), progress=False) for m in members]
-        mean = {i: (probs[0][i] + probs[1][i]) / 2 for i in dev.ids}
-        expected[task] = evaluate.labels(task, mean)
+        scores = [m.predict_scores(encode_dataset(dev, m.tokenizer, 128, m.config.pair_encoding), 8, progress=False)
+                  for m in members]
+        mean = torch.stack([(scores[0][i] + scores[1][i]) / 2 for i in dev.ids])
+        expected[task] = dict(zip(dev.ids, TASKS[task].labels(mean)))
     lines = (tmp_path / "p12" / "sts-dev-output.csv").read_text().splitlines()[1:]
     written = {line.split(",")[0].strip(): float(line.split(",")[1]) for line in lines}
     assert written == pytest.approx(expected["sts"], abs=1e-6)
@@ -264,19 +269,26 @@ def test_ensembles_average_member_probabilities(tiny_model_dir, tiny_data_dir, t
     assert pair["para_acc"] == pytest.approx(acc)
 
 
-def test_sweep_writes_one_row_per_run(tiny_model_dir, tiny_data_dir, tmp_path):
-    train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "sweep", "--epochs", "1",
-                        "--sweep", "lr=1e-3,1e-4", "sentiment_head=mlp", "--seeds", "2"))
+def test_sweep_writes_one_row_per_run_and_resumes(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    args = run_args(tiny_model_dir, tiny_data_dir, tmp_path / "sweep", "--epochs", "1", "--sweep", "lr=1e-3,1e-4",
+                    "sentiment_head=mlp", "bucket=false", "--seeds", "2")
+    train.main(args)
     rows = (tmp_path / "sweep" / "summary.csv").read_text().splitlines()
-    assert rows[0].startswith("run,seed,sst_acc,para_acc,sts_pearson,overall") and len(rows) == 1 + 2 * 2
-    assert (tmp_path / "sweep" / "lr=0.0001,sentiment_head=mlp" / "seed11712" / "best" / "model.safetensors").is_file()
+    assert rows[0].startswith("run,seed,sst_acc,sst_macro_f1,para_acc") and len(rows) == 1 + 2 * 2
+    label = "lr=0.0001,sentiment_head=mlp,bucket=False"
+    assert (tmp_path / "sweep" / label / "seed11712" / "best" / "model.safetensors").is_file()
     table = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
     assert len(table) == 2 + 2 and " ± " in table[2]
-    config = json.loads((tmp_path / "sweep" / "lr=0.0001,sentiment_head=mlp" / "seed11711" /
-                         "train_config.json").read_text())
-    assert config["lr"] == 1e-4 and config["sentiment_head"] == "mlp" and config["seed"] == 11711
-    with pytest.raises(SystemExit, match="expected NAME=v1,v2"):
-        train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "bad", "--sweep", "nope=1"))
+    config = json.loads((tmp_path / "sweep" / label / "seed11711" / "train_config.json").read_text())
+    assert (config["optim"]["lr"], config["heads"]["sentiment_head"], config["data"]["bucket"],
+            config["run"]["seed"]) == (1e-4, "mlp", False, 11711)
+    exits(capsys, 2, "4 run\\(s\\) of this sweep already hold results .*: add --resume", train.main, args)
+    # --resume reads the finished runs back without training them again
+    monkeypatch.setattr(train, "train_step", lambda *a, **kw: pytest.fail("a finished run trained again"))
+    train.main(args + ["--resume"])
+    assert (tmp_path / "sweep" / "summary.csv").read_text().splitlines() == rows
+    exits(capsys, 2, "--sweep 'nope=1': expected|unknown option 'nope'", train.main,
+          run_args(tiny_model_dir, tiny_data_dir, tmp_path / "bad", "--sweep", "nope=1"))
 
 
 def test_masked_lm_pretraining_improves_and_feeds_finetuning(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -286,23 +298,40 @@ def test_masked_lm_pretraining_improves_and_feeds_finetuning(tiny_model_dir, tin
     log = (tmp_path / "mlm" / "run.log").read_text()
     before = float(log.split("accuracy before: ")[1].split()[0])
     assert record["masked_token_accuracy"] > before
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "mlm" / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "mlm" / "metrics.jsonl").read_text().splitlines()[1:]]
     assert losses[-1] < losses[0]
     import minbert
     mlm = minbert.BertForMaskedLM.from_pretrained(tmp_path / "mlm")  # the head comes back too: no warning
     assert not torch.equal(mlm.cls.predictions.bias, torch.zeros_like(mlm.cls.predictions.bias))
-    train.main(run_args(tmp_path / "mlm", tiny_data_dir, tmp_path / "ft", "--epochs", "1"))
-    ft = load_file(tmp_path / "ft" / "last" / "model.safetensors")
-    assert ft["bert.embeddings.word_embeddings.weight"].shape == mlm.bert.embeddings.word_embeddings.weight.shape
+    base = minbert.BertModel.from_pretrained(tiny_model_dir)
+    moved = [k for k, v in mlm.bert.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert "embeddings.word_embeddings.weight" in moved and "encoder.layer.1.output.dense.weight" in moved
+    # fine-tuning starts from the pre-trained encoder: its first forward equals the masked-LM model's encoder
+    train.main(run_args(tmp_path / "mlm", tiny_data_dir, tmp_path / "ft", "--epochs", "1", "--lr", "1e-9",
+                        "--head_lr", "1e-9", "--hidden_dropout_prob", "0"))
+    ft = MultitaskBert.from_checkpoint(tmp_path / "ft" / "last")
+    batch = ft.tokenizer(["the movie was good", "a man plays guitar"])
+    with torch.no_grad():
+        torch.testing.assert_close(ft.bert(**batch)["last_hidden_state"], mlm.bert(**batch)["last_hidden_state"],
+                                   atol=1e-4, rtol=1e-4)
 
 
-def test_bilstm_baseline_trains_and_reloads(tiny_data_dir, tmp_path):
+def test_bilstm_baseline_trains_reloads_and_reproduces_its_scores(tiny_data_dir, tmp_path, capsys):
     run = tmp_path / "bilstm"
-    train.main(["--model", "bilstm", "--data_dir", str(tiny_data_dir), "--output_dir", str(run), "--epochs", "1",
-                "--steps_per_epoch", "3", "--batch_size", "4", "--lr", "1e-3"])
+    metrics = train.main(["--model", "bilstm", "--data_dir", str(tiny_data_dir), "--output_dir", str(run),
+                          "--epochs", "1", "--steps_per_epoch", "3", "--batch_size", "4", "--lr", "1e-3",
+                          "--gradnorm"])
     config = json.loads((run / "best" / "config.json").read_text())
     assert config["encoder"] == "bilstm" and config["bert"]["num_layers"] == 2
-    model = MultitaskBert.from_checkpoint(run / "best")
-    assert type(model.bert).__name__ == "BiLSTMEncoder"
+    assert type(MultitaskBert.from_checkpoint(run / "best").bert).__name__ == "BiLSTMEncoder"
     scores = evaluate.main([str(run / "best"), "--data_dir", str(tiny_data_dir), "--output_dir", str(tmp_path / "p")])
-    assert set(scores) == {"sst_acc", "para_acc", "sts_pearson", "overall"}
+    assert scores == pytest.approx(metrics, abs=1e-9)  # the reloaded checkpoint gives the training-time scores
+    record = json.loads((run / "metrics.jsonl").read_text())
+    assert record["gradnorm_w_sst"] != 1.0  # GradNorm balances the top LSTM layer
+    base = ["--model", "bilstm", "--data_dir", str(tiny_data_dir), "--output_dir", str(tmp_path / "x")]
+    exits(capsys, 2, "--finetune_last counts BERT layers; the bilstm baseline has none", train.main,
+          base + ["--finetune_last", "1"])
+    exits(capsys, 2, "--compile compiles BERT layers; the bilstm baseline cannot be compiled", train.main,
+          base + ["--compile", "--overwrite"])
+    exits(capsys, 2, "--gradnorm_layer pooler needs a BERT encoder", train.main,
+          base + ["--gradnorm", "--gradnorm_layer", "pooler", "--pooling", "pooler", "--overwrite"])

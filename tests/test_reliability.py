@@ -1,0 +1,251 @@
+"""Nothing finished is lost, and every fault is a clear stop: run-folder reuse and locking, checkpoint sets under
+kill -9 (also mid-save) and a full disk, --resume checks, file permissions, and the one-line errors of train.py and
+evaluate.py (exit code 2 for usage errors, 1 for the rest)."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import minbert.checkpoint
+import train
+from test_train import assert_same_weights, exits, run_args, weights, without_timings
+from training.run_dir import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Path:
+    """An uninterrupted run: 2 epochs x 3 steps, saved at steps 2, 3 (end of epoch 1), 4 and 6."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train.main(run_args(tiny_model_dir, tiny_data_dir, out, "--save_every", "2"))
+    return out
+
+
+def metrics_lines(run: Path) -> list[dict]:
+    return [without_timings(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def leftovers(run: Path) -> list[str]:
+    """Temporary files, and sets the pointer does not name."""
+    pointer = json.loads((run / "checkpoint.json").read_text())
+    named = {Path(pointer[k]).name for k in ("last", "best") if pointer[k]}
+    return [str(p.relative_to(run)) for p in run.rglob("*") if p.name.endswith(".tmp")] + \
+        [p.name for p in (run / "checkpoints").iterdir() if p.name not in named]
+
+
+@pytest.mark.parametrize("target, n, when, committed", [
+    ("train:train_step", 5, "before", 4),  # in the middle of training
+    ("minbert.checkpoint:save_file", 3, "after", 2),  # mid-save: step 3's weights written, not yet renamed
+    ("training.state:TrainState.save", 3, "after", 3),  # mid-save: step 4's set complete, not yet committed
+    ("training.run_dir:RunDir.refresh", 2, "before", 3),  # just after step 3's commit, before links and metrics
+    ("train:evaluate", 2, "before", 4),  # during the last evaluation
+])
+def test_kill_9_anywhere_then_resume_is_bit_identical(reference, tiny_model_dir, tiny_data_dir, tmp_path, target,
+                                                      n, when, committed):
+    run = tmp_path / "run"
+    args = run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_run.py"), target, str(n), when, *args],
+                            env=env, cwd=tmp_path, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == committed
+    train.main(args + ["--resume"])
+    assert_same_weights(weights(reference), weights(run))
+    assert metrics_lines(run) == metrics_lines(reference)
+    assert (run / "best").resolve().name == (reference / "best").resolve().name
+    assert leftovers(run) == []
+
+
+def test_full_disk_keeps_the_last_set_and_resume_finishes_the_run(reference, tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    real_save, calls = minbert.checkpoint.save_file, {"n": 0}
+
+    def disk_full_at_third_file(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 3's weights
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+    monkeypatch.setattr(minbert.checkpoint, "save_file", disk_full_at_third_file)
+    run = tmp_path / "run"
+    args = run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2")
+    exits(capsys, 1, rf"could not save step 3 to .*step-000003: No space left on device; the last saved "
+                     rf"checkpoint, {run}/checkpoints/step-000002, is intact \(free space", train.main, args)
+    assert leftovers(run) == [] and (run / "last").resolve().name == "step-000002"
+    monkeypatch.undo()
+    train.main(args + ["--resume"])
+    assert_same_weights(weights(reference), weights(run))
+
+
+def test_reusing_an_output_folder_needs_resume_or_overwrite(reference, tiny_model_dir, tiny_data_dir, tmp_path,
+                                                            capsys):
+    run = tmp_path / "run"
+    train.main(run_args(tiny_model_dir, tiny_data_dir, run, "--epochs", "1"))
+    exits(capsys, 2, rf"^train.py: error: {run} already holds a run \(checkpoint.json, checkpoints, last\): add "
+                     "--resume to continue it, --overwrite to delete it and start over", train.main,
+          run_args(tiny_model_dir, tiny_data_dir, run, "--epochs", "1"))
+    (run / "notes.txt").write_text("mine")
+    train.main(run_args(tiny_model_dir, tiny_data_dir, run, "--overwrite", "--seed", "7"))
+    assert [r["epoch"] for r in metrics_lines(run)] == [1, 2]  # the new run's lines only
+    assert (run / "notes.txt").read_text() == "mine"  # --overwrite deletes the run's files, nothing else
+    assert json.loads((run / "train_config.json").read_text())["run"]["seed"] == 7
+    # a run that stopped before its first checkpoint left nothing to lose: the folder is reused as it is
+    stopped = tmp_path / "stopped"
+    exits(capsys, 1, "ids-sst-train.csv: file not found", train.main,
+          run_args(tiny_model_dir, tmp_path / "nodata", stopped))
+    assert sorted(p.name for p in stopped.iterdir()) == ["run.lock", "run.log", "train_config.json"]
+    train.main(run_args(tiny_model_dir, tiny_data_dir, stopped, "--epochs", "1"))
+    assert "file not found" not in (stopped / "run.log").read_text()
+
+
+def test_a_second_run_on_a_busy_folder_is_refused(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    first = RunDir.open(tmp_path / "run")  # holds the lock, as a running train.py does
+    exits(capsys, 1, rf"^error: {tmp_path / 'run'} is in use by another run \(process {os.getpid()}\)", train.main,
+          run_args(tiny_model_dir, tiny_data_dir, tmp_path / "run"))
+    first.close()
+    train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "run", "--epochs", "1"))
+
+
+def test_resume_refuses_changed_options_changed_data_and_damaged_sets(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                     capsys):
+    run = tmp_path / "run"
+    args = run_args(tiny_model_dir, tiny_data_dir, run, "--epochs", "1")
+    exits(capsys, 2, rf"--resume, but {run} holds no saved checkpoint to continue", train.main, args + ["--resume"])
+    train.main(args)
+    exits(capsys, 2, r"--resume with options that change the run: --batch_size 2 \(the run used 4\), --lr 0.0001 "
+                     r"\(the run used 0.001\), --pcgrad True \(the run used False\); give them as they were",
+          train.main, args + ["--resume", "--lr", "1e-4", "--batch_size", "2", "--pcgrad"])
+    train.main(args + ["--resume", "--eval_batch_size", "3", "--amp", "off"])  # how, not what: allowed
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in tiny_data_dir.iterdir():
+        (data / f.name).write_text(f.read_text())
+    lines = (data / "quora-train.csv").read_text().splitlines(keepends=True)
+    (data / "quora-train.csv").write_text("".join(lines[:-1]))
+    exits(capsys, 2, "--resume, but the training data differs from the run's", train.main,
+          run_args(tiny_model_dir, data, run, "--epochs", "1", "--resume"))
+
+    state = run / "last" / "train_state.safetensors"
+    damaged = bytearray(state.read_bytes())
+    damaged[-1] ^= 0xFF
+    state.write_bytes(bytes(damaged))
+    exits(capsys, 1, r"checkpoint set .*step-000003 is damaged: train_state.safetensors differs from its manifest",
+          train.main, args + ["--resume"])
+
+
+def test_a_folder_from_the_old_layout_is_refused_clearly(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "old"
+    (run / "last").mkdir(parents=True)
+    (run / "train_state.json").write_text("{}")
+    exits(capsys, 2, "holds no saved checkpoint to continue \\(it was written by an older minbert", train.main,
+          run_args(tiny_model_dir, tiny_data_dir, run, "--resume"))
+    exits(capsys, 2, "already holds a run \\(last, train_state.json\\)", train.main,
+          run_args(tiny_model_dir, tiny_data_dir, run))
+
+
+def test_checkpoint_files_are_readable_under_umask_022(tiny_model_dir, tiny_data_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "run", "--epochs", "1"))
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "run").rglob("*"):
+        if not path.is_symlink():
+            mode = path.stat().st_mode & 0o777
+            assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+def test_unwritable_output_folder_is_a_one_line_error(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
+    out, real_mkdir = tmp_path / "ro" / "run", Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # CI runs as root, where chmod cannot make a folder read-only
+        if self == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    exits(capsys, 1, rf"^error: cannot use output folder {out}: Permission denied \(check that it is writable",
+          train.main, run_args(tiny_model_dir, tiny_data_dir, out))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--lr", "0"], "--lr must be greater than 0, got 0.0"),
+    (["--lr", "-0.00001"], "--lr must be greater than 0, got -1e-05"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--steps_per_epoch", "0"], "--steps_per_epoch must be at least 1, got 0"),
+    (["--tasks", "sst,imdb"], "--tasks: unknown task\\(s\\) imdb"),
+    (["--pcgrad", "--scheduler", "random"], "--pcgrad and --gradnorm combine the tasks of one step"),
+    (["--resume", "--overwrite"], "choose one of --resume .* and --overwrite"),
+    (["--task_order", "sst,para"], "--task_order sst,para must list each of --tasks sst,para,sts once"),
+])
+def test_bad_options_are_usage_errors(tiny_model_dir, tiny_data_dir, tmp_path, capsys, flags, message):
+    exits(capsys, 2, f"train.py: error: {message}", train.main,
+          run_args(tiny_model_dir, tiny_data_dir, tmp_path / "run", *flags))
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_bad_data_and_models_stop_before_training(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in tiny_data_dir.iterdir():
+        (data / f.name).write_text(f.read_text())
+    with open(data / "sts-dev.csv", "a") as f:
+        f.write("99\tsdev3\ta b\tc d\t1.0\n")
+    exits(capsys, 1, r"^error: sts-dev.csv line 22: id 'sdev3' already used on line 5", train.main,
+          run_args(tiny_model_dir, data, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    (data / "sts-dev.csv").write_text("\tid\tsentence1\tsentence2\tsimilarity\n")
+    exits(capsys, 1, r"^error: sts-dev.csv: no usable sts dev rows \(it is empty\)", train.main,
+          run_args(tiny_model_dir, data, tmp_path / "run"))
+    exits(capsys, 1, r"^error: minbert: model .*nope.* not found", train.main,
+          run_args(tmp_path / "nope", tiny_data_dir, tmp_path / "run"))
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
+    exits(capsys, 1, r"model.safetensors is truncated or corrupt", train.main,
+          run_args(broken, tiny_data_dir, tmp_path / "run"))
+
+
+def test_sequential_schedule_that_misses_a_task_warns(tiny_model_dir, tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    train.main(run_args(tiny_model_dir, tiny_data_dir, run, "--scheduler", "sequential", "--task_order",
+                        "sts,para,sst", "--epochs", "1"))
+    assert "warning: --scheduler sequential with 3 steps per epoch never reaches para, sst (the order needs 36 " \
+           "steps); raise --steps_per_epoch or change --task_order" in (run / "run.log").read_text()
+
+
+def test_masked_lm_refuses_torchrun_and_resume(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
+    args = ["--option", "mlm", "--model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir), "--output_dir",
+            str(tmp_path / "mlm")]
+    exits(capsys, 2, "--option mlm cannot --resume", train.main, args + ["--resume"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    exits(capsys, 2, "--option mlm runs in one process .*start it with python train.py", train.main, args)
+    assert not (tmp_path / "mlm").exists()
+
+
+def test_evaluate_errors_name_the_file_and_the_fix(reference, tiny_data_dir, tmp_path, capsys):
+    data = ["--data_dir", str(tiny_data_dir), "--output_dir", str(tmp_path / "p")]
+    exits(capsys, 1, rf"{reference} is a training run folder, not a checkpoint: pass {reference}/best", evaluate.main,
+          [str(reference), *data])
+    torch.save({}, tmp_path / "pickled.pt")
+    exits(capsys, 1, "refusing .*pickled.pt: pickled checkpoints", evaluate.main, [str(tmp_path / "pickled.pt"), *data])
+    copy = tmp_path / "ckpt"
+    copy.mkdir()
+    for f in (reference / "best").iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "config.json").write_text('{"format": "minbert-multitask/1",')
+    exits(capsys, 1, r"ckpt/config.json line 1 column 34: not valid JSON", evaluate.main, [str(copy), *data])
+    (copy / "config.json").write_bytes((reference / "best" / "config.json").read_bytes())
+    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:-100])
+    exits(capsys, 1, r"ckpt/model.safetensors is truncated or corrupt", evaluate.main, [str(copy), *data])
+    exits(capsys, 2, "--batch_size must be at least 1", evaluate.main, [str(copy), *data, "--batch_size", "0"])

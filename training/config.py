@@ -1,0 +1,388 @@
+"""Training options: one small dataclass per concern, gathered in TrainConfig. Every field is a command-line flag of
+the same name (`--lr`, `--smart_lambda`, booleans as `--flag` / `--no-flag`), so the CS224N flag names and the
+README's commands keep working, and `--sweep NAME=v1,v2` and TrainConfig.from_flags take the same names."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data import TASKS, TaskDataset, load_split, split_path
+from heads import PAIR_HEADS, POOLINGS, SENTIMENT_HEADS, HeadConfig
+from minbert.errors import ConfigError
+from minbert.lora import MODES as LORA_MODES
+from minbert.lora import VARIANTS as LORA_VARIANTS
+from minbert.lora import LoRAConfig
+from minbert.pals import KINDS as PALS_KINDS
+from minbert.pals import PALsConfig
+from minbert.runtime import AMP_CHOICES
+from optim.sampling import MODES as SAMPLING_MODES
+from optim.schedules import KINDS as LR_SCHEDULES
+
+SCHEDULERS = ("all", *SAMPLING_MODES)  # "all": one batch of every task per step, losses summed
+FILE_FLAGS = tuple(f"{task}_{split}" for task in TASKS for split in ("train", "dev", "test"))
+
+
+def flag(default=None, help: str | None = None, choices: tuple | None = None, **kw):
+    """A dataclass field that is also a flag: its help text and allowed values."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**factory, metadata={"help": help, "choices": choices, **kw})
+
+
+def at_least(name: str, value, minimum) -> None:
+    if value < minimum:
+        raise ConfigError(f"--{name} must be at least {minimum}, got {value}")
+
+
+def positive(name: str, value) -> None:
+    if not value > 0:
+        raise ConfigError(f"--{name} must be greater than 0, got {value}")
+
+
+@dataclass
+class ModelOptions:
+    """What is trained: the encoder, the tasks, and which parts learn."""
+
+    option: str = flag("finetune", "pretrain = frozen BERT, heads only; finetune = update everything; mlm = "
+                         "masked-LM further pre-training on the --mlm_data sentences, writing a model --model accepts",
+                         ("pretrain", "finetune", "mlm"))
+    model: str | None = flag(None, "checkpoint directory, Hugging Face model name, 'minilm', or 'bilstm' (the "
+                               "non-BERT baseline) (default: bert-base-uncased from the local cache if present, "
+                               "else minilm)")
+    tasks: str = flag("sst,para,sts", f"comma-separated subset of {','.join(TASKS)}")
+    hidden_dropout_prob: float = 0.1
+    max_length: int = flag(128, "longest input in tokens (capped at the model's position embeddings)")
+    finetune_last: int = flag(0, "train only the last N encoder layers (0 = all)")
+
+    def __post_init__(self):
+        if not 0 <= self.hidden_dropout_prob < 1:
+            raise ConfigError(f"--hidden_dropout_prob must be in [0, 1), got {self.hidden_dropout_prob}")
+        at_least("max_length", self.max_length, 3)
+        at_least("finetune_last", self.finetune_last, 0)
+
+    @property
+    def task_list(self) -> list[str]:
+        return [t for t in self.tasks.split(",") if t]
+
+
+@dataclass
+class HeadOptions:
+    """How sentences become vectors and which head each task uses (heads.HeadConfig)."""
+
+    pooling: str = flag("mean", choices=POOLINGS)
+    pair_encoding: str = flag("bi", "bi: each sentence encoded alone (siamese); cross: [CLS] a [SEP] b [SEP]",
+                                ("bi", "cross"))
+    sentiment_head: str = flag("linear", choices=SENTIMENT_HEADS)
+    para_head: str = flag("features", choices=PAIR_HEADS)
+    sts_head: str = flag("cosine_relu", choices=PAIR_HEADS)
+    multi_stream: int = flag(0, "width of shared + task-specific streams (0 = off)")
+
+    def head_config(self, tasks: list[str], dropout: float) -> HeadConfig:
+        return HeadConfig(tasks, self.pooling, self.pair_encoding, self.sentiment_head, self.para_head, self.sts_head,
+                          self.multi_stream, dropout)
+
+
+@dataclass
+class AdapterOptions:
+    """LoRA / rsLoRA / DoRA and PALs (minbert.lora.LoRAConfig, minbert.pals.PALsConfig)."""
+
+    lora: int = flag(0, "LoRA rank r (0 = no adapters)")
+    lora_alpha: float = 16
+    lora_targets: str = flag("query,value", "Linear names to adapt, e.g. query,key,value,dense")
+    lora_variant: str = flag("lora", choices=LORA_VARIANTS)
+    lora_mode: str = flag("lll", "lll: only adapters and heads train; fm: all but the adapted base weights",
+                            LORA_MODES)
+    lora_dropout: float = 0.0
+    pals: str | None = flag(None, "task-specific layers parallel to BERT's (Stickland & Murray 2019)", PALS_KINDS)
+    pals_dim: int | None = flag(None, "d_s (default 204 for pal, 100 for lowrank)")
+    pals_share_ve_vd: bool = flag(False, "one V_E/V_D per task for all layers")
+    pals_share_attention: bool = flag(False, "one PAL attention per task for all layers")
+    pals_aa: bool = flag(False, "alternative placement: add TS(h) after the layer's LayerNorm")
+
+    def __post_init__(self):
+        at_least("lora", self.lora, 0)
+        self.lora_config(), self.pals_config()  # validates the combination
+
+    def lora_config(self) -> LoRAConfig | None:
+        try:
+            return LoRAConfig(self.lora, self.lora_alpha, self.lora_targets.split(","), self.lora_variant,
+                              self.lora_dropout, self.lora_mode) if self.lora else None
+        except ValueError as err:
+            raise ConfigError(str(err).replace("LoRAConfig: ", "--lora: ")) from None
+
+    def pals_config(self) -> PALsConfig | None:
+        try:
+            return PALsConfig(self.pals, self.pals_dim, self.pals_share_ve_vd, self.pals_share_attention,
+                              self.pals_aa) if self.pals else None
+        except ValueError as err:
+            raise ConfigError(str(err).replace("PALsConfig: ", "--pals: ")) from None
+
+
+@dataclass
+class DataOptions:
+    """Where the CS224N files are and how they are read and batched."""
+
+    data_dir: str = flag("data", "folder holding the CS224N csv files")
+    bucket: bool = flag(True, "length-bucketed ('sortish') training batches")
+    strict: bool = flag(False, "broken data rows are fatal instead of skipped")
+    # the CS224N starter code's single-file flags (--sst_train ...) override files of --data_dir
+    sst_train: str | None = None
+    sst_dev: str | None = None
+    sst_test: str | None = None
+    cfimdb_train: str | None = None
+    cfimdb_dev: str | None = None
+    cfimdb_test: str | None = None
+    para_train: str | None = None
+    para_dev: str | None = None
+    para_test: str | None = None
+    sts_train: str | None = None
+    sts_dev: str | None = None
+    sts_test: str | None = None
+
+    def file(self, task: str, split: str) -> Path:
+        """The file of a task's split: its --{task}_{split} override, else the standard name in --data_dir."""
+        return Path(getattr(self, f"{task}_{split}") or split_path(self.data_dir, task, split))
+
+    def read(self, task: str, split: str, report=None) -> TaskDataset:
+        """Read a split (DataError for a bad file); skipped broken rows are summarised to `report`."""
+        return load_split(self.data_dir, task, split, self.strict, self.file(task, split), report)
+
+
+@dataclass
+class LoopOptions:
+    """How long and in which order: epochs, steps, batches and task scheduling."""
+
+    epochs: int = 1
+    steps_per_epoch: int | None = flag(None, "optimizer steps per epoch (default: one pass over the largest task; "
+                                         "smaller tasks loop)")
+    batch_size: int = flag(32, "batch size of each task")
+    grad_accum: int = flag(1, "micro-batches accumulated per task and step")
+    scheduler: str = flag("all", "task scheduling per step", SCHEDULERS)
+    task_order: str | None = flag(None, "order for round_robin / sequential, e.g. sts,para,sst")
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
+            at_least(name, getattr(self, name), 1)
+        if self.steps_per_epoch is not None:
+            at_least("steps_per_epoch", self.steps_per_epoch, 1)
+
+
+@dataclass
+class OptimOptions:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 5e-5
+    head_lr: float = flag(1e-3, "learning rate of the randomly initialised heads, pooling and streams")
+    weight_decay: float = 0.01
+    lr_schedule: str = flag("constant", choices=LR_SCHEDULES)
+    warmup: float = flag(0.0, "warm-up: a fraction of all steps (< 1) or a step count")
+    grad_clip: float = flag(0.0, "max gradient norm (0 = off)")
+
+    def __post_init__(self):
+        positive("lr", self.lr)
+        positive("head_lr", self.head_lr)
+        for name in ("weight_decay", "warmup", "grad_clip"):
+            at_least(name, getattr(self, name), 0)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return int(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
+
+
+@dataclass
+class MethodOptions:
+    """How the task gradients are combined (PCGrad, GradNorm) and regularised (SMART)."""
+
+    pcgrad: bool = flag(False, "combine the task gradients on shared parameters with PCGrad (Yu et al. 2020); "
+                          "needs --scheduler all")
+    gradnorm: bool = flag(False, "learn task loss weights with GradNorm (Chen et al. 2018)")
+    gradnorm_alpha: float = 1.5
+    gradnorm_layer: str = flag("last", "shared layer whose gradient norms GradNorm balances", ("last", "pooler"))
+    smart: bool = flag(False, "SMART adversarial smoothness regulariser (Jiang et al. 2020)")
+    smart_lambda: float = flag(1.0, "weight λ of the SMART term")
+    smart_noise: float = flag(1e-5, "σ of the initial Gaussian perturbation")
+    smart_eps: float = flag(1e-3, "radius ε of the (L∞) perturbation ball")
+    smart_step_size: float = flag(1e-3, "ascent step size η")
+    smart_steps: int = flag(1, "adversarial ascent steps K (0 = noise only)")
+    smart_bregman: float = flag(0.0, "weight μ of the Bregman proximal term against an EMA teacher (0 = off)")
+
+    def __post_init__(self):
+        if self.pcgrad and self.gradnorm:
+            raise ConfigError("choose one of --pcgrad and --gradnorm")
+        at_least("smart_steps", self.smart_steps, 0)
+
+
+@dataclass
+class RunOptions:
+    """Where the run goes, how it starts, and on which device and precision."""
+
+    output_dir: str = flag("runs/multitask", "run folder: best/, last/, metrics.jsonl, run.log")
+    resume: bool = flag(False, "continue the run in --output_dir from its last saved checkpoint")
+    overwrite: bool = flag(False, "start over in an --output_dir that holds a run, deleting that run's files")
+    save_every: int = flag(0, "also save a checkpoint every N steps (0 = at the end of each epoch only)")
+    save_adapters_only: bool = flag(False, "checkpoints hold only what training changed (adapters, heads) plus "
+                                      "a reference to --model")
+    seed: int = 11711
+    device: str = flag("auto", choices=("auto", "cpu", "cuda"))
+    use_gpu: bool = flag(False, "CS224N spelling of --device cuda")
+    amp: str = flag("auto", "mixed precision: auto = bf16 on GPUs that have it, else fp16 on CUDA, float32 on "
+                      "the CPU; a bare --amp means bf16, --no-amp off", AMP_CHOICES)
+    compile: bool = flag(False, "torch.compile the encoder (dynamic shapes; checkpoints keep their keys)")
+
+    def __post_init__(self):
+        if self.use_gpu:
+            self.device = "cuda"
+        if self.resume and self.overwrite:
+            raise ConfigError("choose one of --resume (continue the run) and --overwrite (start over)")
+        at_least("save_every", self.save_every, 0)
+
+
+@dataclass
+class MLMOptions:
+    """Masked-LM further pre-training (--option mlm)."""
+
+    mlm_data: str = flag("sst,para,sts", "tasks whose train sentences --option mlm reads")
+    mlm_probability: float = 0.15
+
+    def __post_init__(self):
+        if not 0 < self.mlm_probability < 1:
+            raise ConfigError(f"--mlm_probability must be in (0, 1), got {self.mlm_probability}")
+
+
+@dataclass
+class SweepOptions:
+    """A grid of runs (--sweep) repeated over seeds (--seeds)."""
+
+    sweep: list[str] = flag(list, "grid of NAME=v1,v2 options, e.g. --sweep lr=1e-5,3e-5 hidden_dropout_prob=0.1,0.3")
+    seeds: int = flag(1, "repeat each run with this many seeds (mean ± std)")
+
+    def __post_init__(self):
+        at_least("seeds", self.seeds, 1)
+
+
+GROUPS = {"model": ModelOptions, "heads": HeadOptions, "adapters": AdapterOptions, "data": DataOptions,
+          "loop": LoopOptions, "optim": OptimOptions, "methods": MethodOptions, "run": RunOptions,
+          "mlm": MLMOptions, "sweep": SweepOptions}
+FLAGS = {f.name: (group, f) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}  # flag -> where
+
+
+@dataclass
+class TrainConfig:
+    """Every option of train.py, grouped by concern; saved as train_config.json beside the checkpoints."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    heads: HeadOptions = field(default_factory=HeadOptions)
+    adapters: AdapterOptions = field(default_factory=AdapterOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    loop: LoopOptions = field(default_factory=LoopOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    methods: MethodOptions = field(default_factory=MethodOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+    mlm: MLMOptions = field(default_factory=MLMOptions)
+    sweep: SweepOptions = field(default_factory=SweepOptions)
+
+    def __post_init__(self):
+        tasks = self.model.task_list
+        self.head_config()  # validates tasks and heads
+        if (self.methods.pcgrad or self.methods.gradnorm) and self.loop.scheduler != "all":
+            raise ConfigError("--pcgrad and --gradnorm combine the tasks of one step: use --scheduler all")
+        if self.loop.task_order is not None:
+            order = self.loop.task_order.split(",")
+            if sorted(order) != sorted(tasks):
+                raise ConfigError(f"--task_order {self.loop.task_order} must list each of --tasks {','.join(tasks)} "
+                                  "once")
+        unknown = [t for t in self.mlm.mlm_data.split(",") if t not in TASKS]
+        if unknown:
+            raise ConfigError(f"--mlm_data: unknown task(s) {','.join(unknown)}; choose from {','.join(TASKS)}")
+
+    def head_config(self) -> HeadConfig:
+        return self.heads.head_config(self.model.task_list, self.model.hidden_dropout_prob)
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.model.task_list
+
+    def flags(self) -> dict:
+        """Every option by its flag name."""
+        return {name: getattr(getattr(self, group), name) for name, (group, _) in FLAGS.items()}
+
+    def replace(self, **flags) -> TrainConfig:
+        """A copy with some options changed, by flag name (validated like the command line)."""
+        unknown = [name for name in flags if name not in FLAGS]
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; see python train.py --help")
+        merged = {**self.flags(), **flags}
+        return TrainConfig(**{group: cls(**{f.name: merged[f.name] for f in dataclasses.fields(cls)})
+                              for group, cls in GROUPS.items()})
+
+    @classmethod
+    def from_flags(cls, **flags) -> TrainConfig:
+        """TrainConfig.from_flags(model="minilm", lr=1e-4): the defaults with some options set, by flag name."""
+        return cls().replace(**flags)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Inverse of to_dict (train_config.json)."""
+        return cls.from_flags(**{k: v for group in d.values() for k, v in group.items()})
+
+
+def converter(f: dataclasses.Field):
+    """str -> the option's type (argparse and --sweep values)."""
+    kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type))
+    return kind or str
+
+
+def is_switch(f: dataclasses.Field) -> bool:
+    return str(f.type) == "bool"
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """argparse built from the option groups: `--name value`, booleans as `--flag` / `--no-flag`."""
+    p = argparse.ArgumentParser(prog="train.py", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for group, cls in GROUPS.items():
+        section = p.add_argument_group(group, cls.__doc__)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            help_text = argparse.SUPPRESS if f.name in FILE_FLAGS else f.metadata.get("help")
+            kw = {"default": default, "help": help_text}
+            if is_switch(f):
+                section.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+            elif f.name == "sweep":
+                section.add_argument("--sweep", nargs="*", metavar="NAME=V1,V2", **kw)
+            elif f.name == "amp":  # --amp alone means bf16 (the flag's meaning before fp16 existed)
+                section.add_argument("--amp", nargs="?", const="bf16", choices=AMP_CHOICES, **kw)
+                section.add_argument("--no-amp", dest="amp", action="store_const", const="off",
+                                     help="float32 (same as --amp off)")
+            else:
+                choices = f.metadata.get("choices")
+                if choices and default is None:
+                    kw["help"] = (kw["help"] or "") + f" (one of {', '.join(choices)}; default off)"
+                section.add_argument(f"--{f.name}", type=converter(f), choices=choices, **kw)
+    return p
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
+    """The command line as a TrainConfig; a bad value or combination is a usage error (exit code 2) naming it."""
+    parser = build_parser(description)
+    try:
+        return TrainConfig.from_flags(**vars(parser.parse_args(argv)))
+    except ConfigError as err:
+        parser.error(str(err))
+
+
+def flag_value(name: str, text: str):
+    """A flag's value from text, typed as the option is (`--sweep lr=1e-5`, `--sweep bucket=false`)."""
+    if name not in FLAGS:
+        raise ConfigError(f"unknown option {name!r}; see python train.py --help")
+    f = FLAGS[name][1]
+    if is_switch(f):
+        return text.lower() in ("1", "true", "yes", "on")
+    try:
+        return converter(f)(text)
+    except ValueError:
+        raise ConfigError(f"--{name}: {text!r} is not a valid value") from None

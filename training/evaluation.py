@@ -1,0 +1,47 @@
+"""Dev-set evaluation and CS224N prediction files, shared by train.py and evaluate.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data import TASKS, EncodedTask, overall
+from heads import MultitaskBert
+from minbert.checkpoint import atomic_write
+
+
+def labels_by_id(task: str, scores: dict[str, torch.Tensor]) -> dict:
+    """Predicted labels by id from scores by id (data/tasks.py: Task.labels)."""
+    return dict(zip(scores, TASKS[task].labels(torch.stack(list(scores.values())))))
+
+
+def dev_metrics(dev: dict[str, EncodedTask], predictions: dict[str, dict]) -> dict[str, float]:
+    """Every task's metrics (main one first) and `overall`, from predicted labels by id."""
+    metrics = {}
+    for task, encoded in dev.items():
+        metrics.update(TASKS[task].metrics([predictions[task][i] for i in encoded.ids], encoded.labels))
+    return {**metrics, "overall": overall(metrics, list(dev))}
+
+
+def dev_scores(record: dict, tasks: list[str]) -> dict[str, float]:
+    """The dev metrics of a metrics.jsonl record (which also holds epoch, step, timings ...)."""
+    return {k: record[k] for t in tasks for k in TASKS[t].metric_names} | {"overall": record["overall"]}
+
+
+def evaluate(model: MultitaskBert, dev: dict[str, EncodedTask], batch_size: int, precision: str = "fp32",
+             progress: bool = True) -> tuple[dict[str, float], dict[str, dict]]:
+    """Dev metrics and the predicted labels by task."""
+    predictions = {task: labels_by_id(task, model.predict_scores(encoded, batch_size, precision, progress))
+                   for task, encoded in dev.items()}
+    return dev_metrics(dev, predictions), predictions
+
+
+def average(members: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Ensemble: the mean of the members' scores (class and paraphrase probabilities, similarities), by id."""
+    return {i: torch.stack([m[i] for m in members]).mean(0) for i in members[0]}
+
+
+def write_predictions(path: Path, task: str, predictions: dict) -> None:
+    """CS224N format: header `id \\t Predicted_X`, rows `id , label`; written atomically."""
+    lines = [f"id \t {TASKS[task].output_header} \n"] + [f"{i} , {p} \n" for i, p in predictions.items()]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines)))

@@ -1,0 +1,222 @@
+"""The output folder of a training run, and the guarantee that nothing finished in it is lost.
+
+    OUTPUT_DIR/
+      checkpoints/step-000300/   one checkpoint set: weights, config and tokenizer (a checkpoint evaluate.py reads),
+                                 train_state.* (optimizer, LR schedule, data positions, RNG, metrics so far, best
+                                 record) and manifest.json (size and SHA-256 of every file)
+      checkpoint.json            the pointer: which set is `last` and which is `best`; replacing it commits a set
+      last, best                 links to those sets, refreshed after each commit
+      metrics.jsonl              one line per evaluation, rewritten from the committed set
+      train_config.json, run.log the options and the log
+      run.lock                   held while a process uses the folder (the OS releases it when the process dies)
+
+A set is written under a temporary name, flushed and renamed, and only then does the pointer move, so a kill or a
+full disk at any moment leaves the old set or the new one. Sets the pointer does not name, and temporary files, are
+removed when the next process opens the folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from minbert.checkpoint import TMP_SUFFIX, atomic_write, fsync_dir, read_json, save_json, temporary_name
+from minbert.errors import CheckpointError, ConfigError, RunError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+POINTER = "checkpoint.json"
+FORMAT = "minbert-run/1"
+CHECKPOINTS = "checkpoints"
+LINKS = ("last", "best")
+MANIFEST = "manifest.json"
+# what a run leaves in its folder, and what --overwrite deletes (never anything else the folder holds): its results
+# (a folder holding any is refused without --resume or --overwrite), and its logs (replaced silently when no result
+# was saved: the run stopped before its first checkpoint)
+RUN_RESULTS = (POINTER, CHECKPOINTS, *LINKS, "metrics.jsonl",
+               "train_state.json", "train_state.safetensors")  # these two: the layout before checkpoint sets
+RUN_LOGS = ("train_config.json", "run.log", "steps.jsonl", "plots")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: the size and SHA-256 of every file of a set, so a later --resume can verify it."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in sorted(folder.iterdir())}
+    save_json(files, folder / MANIFEST)
+
+
+def verify_manifest(folder: Path) -> None:
+    """Raise CheckpointError naming the first file of a set that is missing, truncated or changed."""
+    manifest = read_json(folder / MANIFEST)
+    for name, expected in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"minbert: checkpoint set {folder} is incomplete: {name} is missing")
+        if path.stat().st_size != expected["bytes"] or file_digest(path) != expected["sha256"]:
+            raise CheckpointError(f"minbert: checkpoint set {folder} is damaged: {name} differs from its manifest "
+                                  "(truncated or changed after it was saved)")
+
+
+def saved_results(path: Path, extra_files=()) -> list[str]:
+    """The names in `path` that hold a run's results (none: no run, or one that stopped before saving anything)."""
+    return [name for name in dict.fromkeys((*RUN_RESULTS, *extra_files)) if os.path.lexists(Path(path) / name)]
+
+
+class RunDir:
+    """One run's output folder, opened by a single process: the lock, the log and the checkpoint sets."""
+
+    def __init__(self, path: Path, lock_fd: int | None = None):
+        self.path, self._lock_fd = Path(path), lock_fd
+
+    # ---- opening ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, resume: bool = False, overwrite: bool = False, extra_files=()) -> RunDir:
+        """Lock the folder for this process, then: with `resume`, check that it holds a run to continue; with
+        `overwrite`, delete the run it holds; otherwise refuse a folder that holds a run. `extra_files` are further
+        names the run writes (masked-LM pre-training writes a model there)."""
+        path, run = Path(path), None
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            run = cls(path, cls._lock(path))
+            results = saved_results(path, extra_files)
+            if resume and not (path / POINTER).is_file():
+                old = "" if not (path / "train_state.json").is_file() else \
+                    " (it was written by an older minbert, whose runs cannot be continued: start over with --overwrite)"
+                raise ConfigError(f"--resume, but {path} holds no saved checkpoint to continue{old}")
+            if results and not (resume or overwrite):
+                raise ConfigError(f"{path} already holds a run ({', '.join(results[:3])}): add --resume to continue "
+                                  "it, --overwrite to delete it and start over, or choose another --output_dir")
+            if not resume:
+                for name in (*results, *RUN_LOGS):
+                    target = path / name
+                    if target.is_dir() and not target.is_symlink():
+                        shutil.rmtree(target)
+                    elif os.path.lexists(target):
+                        target.unlink()
+            run._remove_stale()
+            return run
+        except BaseException as err:
+            if run is not None:
+                run.close()
+            if isinstance(err, OSError):
+                raise RunError(f"cannot use output folder {path}: {err.strerror or err} (check that it is writable "
+                               "and the disk has space, or choose another --output_dir)") from None
+            raise
+
+    @staticmethod
+    def _lock(path: Path) -> int | None:
+        """An exclusive lock on run.lock, which the OS drops when the process ends, however it ends."""
+        fd = os.open(path / "run.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        if fcntl is None:
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunError(f"{path} is in use by another run (process {owner}); wait for it to finish or choose "
+                           "another --output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        return fd
+
+    def close(self) -> None:
+        """Release the lock (also released by the OS if the process dies)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _remove_stale(self) -> None:
+        """Temporary files of killed writers, and sets the pointer does not name (a save killed before its commit)."""
+        pointer = self.pointer()
+        keep = {Path(p).name for p in (pointer or {}).values() if isinstance(p, str) and p.startswith(CHECKPOINTS)}
+        for folder in (self.path, self.path / CHECKPOINTS):
+            for entry in folder.glob(f".*{TMP_SUFFIX}") if folder.is_dir() else []:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        for entry in (self.path / CHECKPOINTS).glob("step-*") if (self.path / CHECKPOINTS).is_dir() else []:
+            if entry.name not in keep:
+                shutil.rmtree(entry)
+
+    # ---- the committed state ------------------------------------------------------------------------------------
+
+    def pointer(self) -> dict | None:
+        """The committed pointer ({"last": "checkpoints/step-...", "best": ... or None, ...}), None before the first."""
+        return read_json(self.path / POINTER) if (self.path / POINTER).is_file() else None
+
+    def last(self) -> Path:
+        """The last committed set, verified against its manifest (and the best set with it)."""
+        pointer = self.pointer()
+        if pointer is None or pointer.get("format") != FORMAT:
+            raise CheckpointError(f"minbert: {self.path / POINTER} is not a {FORMAT} pointer")
+        for name in {pointer["last"], pointer.get("best") or pointer["last"]}:
+            verify_manifest(self.path / name)
+        return self.path / pointer["last"]
+
+    def commit(self, step: int, write, is_best: bool) -> Path:
+        """Save a set: `write(folder)` fills a temporary folder, which becomes checkpoints/step-NNNNNN; then the
+        pointer moves to it (as `last`, and `best` when `is_best`), the links follow and older sets are removed."""
+        name = f"{CHECKPOINTS}/step-{step:06d}"
+        final, pointer = self.path / name, self.pointer() or {}
+        if name in (pointer.get("last"), pointer.get("best")):
+            raise RunError(f"{final} is already committed; a step is saved once")
+        tmp = temporary_name(final)
+        try:
+            tmp.mkdir(parents=True)
+            write(tmp)
+            write_manifest(tmp)
+            fsync_dir(tmp)
+            if final.exists():  # left by a save killed before its commit
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fsync_dir(final.parent)
+            best = name if is_best else pointer.get("best")
+            save_json({"format": FORMAT, "last": name, "best": best, "step": step}, self.path / POINTER)  # commit
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"the last saved checkpoint, {self.path / pointer['last']}, is intact" if pointer else \
+                "no checkpoint was saved yet"
+            raise RunError(f"could not save step {step} to {final}: {err.strerror or err}; {kept} (free space or "
+                           "fix the folder's permissions, then continue with --resume)") from None
+        self.refresh()
+        return final
+
+    def refresh(self) -> None:
+        """Make the links and metrics.jsonl match the committed pointer, and drop the sets it no longer names."""
+        pointer = self.pointer()
+        if pointer is None:
+            return
+        for link in LINKS:
+            target = pointer.get(link)
+            if target:
+                tmp = temporary_name(self.path / link)
+                os.symlink(target, tmp, target_is_directory=True)
+                os.replace(tmp, self.path / link)
+        history = read_json(self.path / pointer["last"] / "train_state.json")["progress"]["history"]
+        atomic_write(self.path / "metrics.jsonl",
+                     lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in history)))
+        self._remove_stale()
+
+    # ---- log and options --------------------------------------------------------------------------------------
+
+    def log(self, message: str, echo: bool = True) -> None:
+        """Append to run.log, and print unless `echo` is False."""
+        if echo:
+            print(message)
+        try:
+            with open(self.path / "run.log", "a") as f:
+                f.write(message + "\n")
+        except OSError as err:
+            raise RunError(f"cannot write {self.path / 'run.log'}: {err.strerror or err}") from None

@@ -1,0 +1,109 @@
+"""Everything --resume needs beside the weights, as two files of a checkpoint set: train_state.safetensors (optimizer
+moments, RNG states, the methods' tensors) and train_state.json (counters, LR schedule, data positions, metrics)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from minbert.checkpoint import read_json, read_tensors, save_json, save_tensors
+from minbert.errors import CheckpointError
+
+from .step import MethodState
+
+STATE_FORMAT = "minbert-train-state/1"
+
+
+@dataclass
+class Progress:
+    """Where the run stands: counters, the best dev score so far and the record of every evaluation."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps done in the current epoch
+    global_step: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    history: list[dict] = field(default_factory=list)  # metrics.jsonl, one record per evaluation
+
+    def is_better(self, score: float) -> bool:
+        return self.best_score is None or score > self.best_score
+
+
+@dataclass
+class TrainState:
+    """The live objects a checkpoint set restores: optimizer, LR schedule, data streams, methods and progress;
+    `data` identifies the training data (rows and ids per task), so --resume can refuse changed files."""
+
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    streams: dict
+    methods: MethodState
+    progress: Progress
+    data: dict
+
+    def save(self, folder: Path) -> None:
+        opt = self.optimizer.state_dict()
+        tensors = {**flatten_optimizer("opt", opt), "rng.cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        meta = {"format": STATE_FORMAT, "progress": asdict(self.progress), "data": self.data,
+                "param_groups": opt["param_groups"], "lr_scheduler": self.lr_scheduler.state_dict(),
+                "streams": {t: s.state_dict() for t, s in self.streams.items()}}
+        m = self.methods
+        if m.gradnorm:
+            gn = m.gradnorm.state_dict()
+            tensors.update({"gradnorm.weights": gn["weights"], **flatten_optimizer("gradnorm.opt", gn["optimizer"])})
+            if gn["initial_losses"] is not None:
+                tensors["gradnorm.initial_losses"] = gn["initial_losses"]
+            meta["gradnorm_param_groups"] = gn["optimizer"]["param_groups"]
+        if m.teacher:
+            tensors.update({f"teacher.{k}": v for k, v in m.teacher.model.state_dict().items()})
+        if m.pcgrad_generator:
+            tensors["rng.pcgrad"] = m.pcgrad_generator.get_state()
+        save_tensors(tensors, folder / "train_state.safetensors")
+        save_json(meta, folder / "train_state.json")
+
+    def load(self, folder: Path, device: torch.device) -> None:
+        """Restore what `save` wrote into the live objects (the weights are loaded separately)."""
+        meta = read_json(folder / "train_state.json")
+        if meta.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"minbert: {folder / 'train_state.json'} is not a {STATE_FORMAT} file")
+        tensors, _ = read_tensors(folder / "train_state.safetensors")
+        self.optimizer.load_state_dict(unflatten_optimizer("opt", tensors, meta["param_groups"], device))
+        self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        for task, stream in self.streams.items():
+            stream.load_state_dict(meta["streams"][task])
+        m = self.methods
+        if m.gradnorm:
+            m.gradnorm.load_state_dict({
+                "weights": tensors["gradnorm.weights"], "initial_losses": tensors.get("gradnorm.initial_losses"),
+                "optimizer": unflatten_optimizer("gradnorm.opt", tensors, meta["gradnorm_param_groups"], "cpu")})
+        if m.teacher:
+            m.teacher.model.load_state_dict({k.removeprefix("teacher."): v for k, v in tensors.items()
+                                             if k.startswith("teacher.")})
+        if m.pcgrad_generator:
+            m.pcgrad_generator.set_state(tensors["rng.pcgrad"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        self.progress = Progress(**meta["progress"])
+
+    @staticmethod
+    def saved_data(folder: Path) -> dict:
+        return read_json(folder / "train_state.json")["data"]
+
+
+def flatten_optimizer(prefix: str, state_dict: dict) -> dict:
+    """An optimizer's per-parameter state as flat tensors (safetensors holds no nested objects)."""
+    return {f"{prefix}.{i}.{k}": torch.as_tensor(v) for i, s in state_dict["state"].items() for k, v in s.items()}
+
+
+def unflatten_optimizer(prefix: str, tensors: dict, param_groups: list, device) -> dict:
+    """Inverse of flatten_optimizer, with the param_groups saved as JSON."""
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            i, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(i), {})[name] = value if name == "step" else value.to(device)
+    return {"state": state, "param_groups": param_groups}
