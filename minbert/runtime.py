@@ -29,8 +29,9 @@ def bf16_supported(device: torch.device) -> bool:
 
 def resolve_precision(device: torch.device, amp: str = "auto") -> str:
     """--amp -> the compute precision, "bf16", "fp16" or "fp32". auto: bf16 on GPUs with native bf16, fp16 with
-    a gradient scaler on older GPUs (T4, V100), float32 on the CPU (bf16 is only faster there with AMX)."""
-    if amp not in AMP_CHOICES:
+    a gradient scaler on older GPUs (T4, V100), float32 on the CPU (bf16 is only faster there with AMX). A resolved
+    precision passes through unchanged."""
+    if amp not in (*AMP_CHOICES, "fp32"):
         raise ConfigError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
     if amp == "auto":
         return "fp32" if device.type != "cuda" else "bf16" if bf16_supported(device) else "fp16"

@@ -1,6 +1,7 @@
 """Optimisation for multi-task fine-tuning: AdamW, LR schedules, PCGrad, GradNorm, SMART and task sampling."""
 from .adamw import AdamW, param_groups_for_weight_decay
 from .gradnorm import GradNorm
+from .loss_scaling import LossScaler
 from .pcgrad import pcgrad
 from .sampling import TaskSampler, annealing_alpha, batches_per_task
 from .schedules import lr_lambda
@@ -10,6 +11,7 @@ __all__ = [
     "AdamW",
     "EMATeacher",
     "GradNorm",
+    "LossScaler",
     "TaskSampler",
     "annealing_alpha",
     "batches_per_task",

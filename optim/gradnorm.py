@@ -25,27 +25,33 @@ class GradNorm:
         """Current w_i, detached (k,)."""
         return self.w.detach().clone()
 
-    def step(self, losses: Sequence[Tensor], shared_params: Sequence[Tensor],
-             reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        """Update w with one Adam step on L_grad and return Σ w_i L_i (w detached, the weights before this update)
-        for the model's backward.  ``losses[i]`` is task i's scalar loss (with graph), in ``tasks`` order; under data
-        parallelism ``reduce`` averages gradients and losses over the ranks so every rank learns the same w.
-        """
+    def measure(self, losses: Sequence[Tensor], shared_params: Sequence[Tensor],
+                reduce: Callable[[Tensor], Tensor] | None = None, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+        """(‖∇_W L_i‖₂, L_i(t)) of each task as (k,) CPU tensors, averaged over the ranks by ``reduce`` under data
+        parallelism. ``losses[i]`` is task i's scalar loss (with graph), in ``tasks`` order; the gradients are taken
+        of scale·L_i and divided by ``scale`` (fp16 loss scaling: the norms never see the scale, and are inf when
+        the scaled gradients overflow)."""
         if len(losses) != len(self.tasks):
             raise ValueError(f"expected {len(self.tasks)} losses, got {len(losses)}")
-        weights = self.weights
         reduce = reduce or (lambda x: x)
-        norms = torch.stack([  # (k,) ‖∇_W L_i‖₂; retain_graph so the caller can still backward the total
-            torch.linalg.vector_norm(reduce(torch.cat([
-                g.reshape(-1).float() for g in torch.autograd.grad(loss, shared_params, retain_graph=True)])))
+        norms = torch.stack([  # retain_graph so the caller can still backward the total
+            torch.linalg.vector_norm(reduce(torch.cat([g.reshape(-1).float() for g in torch.autograd.grad(
+                loss * scale if scale != 1.0 else loss, shared_params, retain_graph=True)]))) / scale
             for loss in losses
         ]).cpu()
-        current = reduce(torch.stack([loss.detach().float() for loss in losses])).cpu()  # (k,) L_i(t)
-        if self.initial_losses is None:
-            self.initial_losses = current.clone()
+        return norms, reduce(torch.stack([loss.detach().float() for loss in losses])).cpu()
 
+    def weighted_sum(self, losses: Sequence[Tensor]) -> Tensor:
+        """Σ w_i L_i with the current w detached, for the model's backward."""
+        return sum(w * loss for w, loss in zip(self.w.tolist(), losses))
+
+    def update(self, norms: Tensor, losses: Tensor) -> None:
+        """One Adam step of w on L_grad (eq. 2) from `measure`'s norms and losses, then Σ w_i = k again; call it
+        after the model's backward, and not for a skipped step."""
+        if self.initial_losses is None:
+            self.initial_losses = losses.clone()
         G = self.w * norms  # (k,) G_i = ‖∇_W w_i L_i‖₂ = w_i ‖∇_W L_i‖₂ for w_i ≥ 0; graph to w only
-        ratio = current / self.initial_losses  # L̃_i = L_i(t) / L_i(0)
+        ratio = losses / self.initial_losses  # L̃_i = L_i(t) / L_i(0)
         target = G.detach().mean() * (ratio / ratio.mean()) ** self.alpha  # Ḡ r_i^α, a constant (Chen et al. eq. 1)
         grad_loss = (G - target).abs().sum()  # L_grad = Σ_i |G_i − Ḡ r_i^α|  (eq. 2)
         self.optimizer.zero_grad()
@@ -55,7 +61,13 @@ class GradNorm:
             self.w.mul_(len(self.tasks) / self.w.sum())  # renormalise: Σ w_i = k
         self.grad_norms, self.grad_loss = G.detach(), grad_loss.item()
 
-        return sum(w * loss for w, loss in zip(weights.tolist(), losses))
+    def step(self, losses: Sequence[Tensor], shared_params: Sequence[Tensor],
+             reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """measure, update, and Σ w_i L_i with the weights before the update: the whole of Alg. 1's weight step in
+        one call, for loops that never skip a step."""
+        total = self.weighted_sum(losses)
+        self.update(*self.measure(losses, shared_params, reduce))
+        return total
 
     def log(self) -> dict[str, float]:
         """Weights, last gradient norms G_i and last L_grad, keyed by task name."""

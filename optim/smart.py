@@ -43,11 +43,13 @@ def smart_loss(
     step_size: float = 1e-3,
     steps: int = 1,
     generator: torch.Generator | None = None,
+    grad_scale: float = 1.0,
 ) -> Tensor:
     """R_s = ℓ_s(f(x + δ), f(x)) (eq. 3): δ ~ N(0, σ²I), then ``steps`` ascent steps δ ← Π_ε(δ + η g/‖g‖∞), g = ∇_δ ℓ_s,
     Π_ε the projection onto the L∞ ball of radius ε, on detached x and f(x) (Alg. 1; norms per example, each tensor of a
     tuple perturbed on its own). R back-propagates through f(x + δ), ``clean_output`` (= forward_from_embeddings(
-    embeddings), with graph) and x, not through δ."""
+    embeddings), with graph) and x, not through δ. ``grad_scale`` multiplies ℓ_s before the ascent gradient is taken
+    (fp16 loss scaling: small gradients survive; g/‖g‖∞ does not depend on it)."""
     single = isinstance(embeddings, Tensor)
     xs = (embeddings,) if single else tuple(embeddings)
 
@@ -59,7 +61,7 @@ def smart_loss(
     for _ in range(steps):
         deltas = [d.requires_grad_() for d in deltas]
         adv = divergence(f(tuple(x.detach() + d for x, d in zip(xs, deltas))), target, kind)
-        grads = torch.autograd.grad(adv, deltas)
+        grads = torch.autograd.grad(adv * grad_scale if grad_scale != 1.0 else adv, deltas)
         deltas = [(d.detach() + step_size * g / _per_example_max(g).clamp_min(1e-12)).clamp(-epsilon, epsilon)
                   for d, g in zip(deltas, grads)]
     return divergence(f(tuple(x + d for x, d in zip(xs, deltas))), clean_output, kind)

@@ -4,6 +4,7 @@ Masked-token accuracy on held-out dev sentences is logged before and after each 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from minbert import BertForMaskedLM, Tokenizer
 from minbert.checkpoint import atomic_write, save_json, save_tensors
 from minbert.errors import ConfigError, MinbertError
 from minbert.runtime import autocast
-from optim import AdamW, lr_lambda, param_groups_for_weight_decay
+from optim import AdamW, LossScaler, lr_lambda, param_groups_for_weight_decay
 
 from .config import TrainConfig
 from .session import Session
+from .step import MAX_SKIPPED_IN_A_ROW
 
 MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")  # what --model reads
 HELDOUT_SENTENCES = 2000
@@ -82,6 +84,8 @@ def pretrain_mlm(cfg: TrainConfig) -> dict:
         history = [{"epoch": 0, "masked_token_accuracy": heldout_accuracy()}]
         session.log(f"held-out masked-token accuracy before: {history[0]['masked_token_accuracy']:.4f}")
         mask_generator = torch.Generator().manual_seed(cfg.run.seed)
+        scaler = LossScaler(enabled=precision == "fp16")
+        params = [p for p in model.parameters() if p.requires_grad]
         for epoch in range(cfg.loop.epochs):
             model.train()
             for _ in tqdm(range(steps_per_epoch), desc=f"mlm epoch {epoch + 1}/{cfg.loop.epochs}", dynamic_ncols=True):
@@ -90,14 +94,25 @@ def pretrain_mlm(cfg: TrainConfig) -> dict:
                 with autocast(device, precision):
                     logits = model(**inputs)  # (B, T, V)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-                if not torch.isfinite(loss):
-                    raise MinbertError(f"the masked-LM loss is {loss.item()} at epoch {epoch + 1}; try a lower --lr")
-                loss.backward()
+                scaler.scale(loss).backward()
+                found_inf = torch.zeros(1, device=device)
+                scaler.unscale_(params, found_inf)
+                loss_value, overflow = torch.stack([loss.detach(), found_inf[0]]).tolist()
+                if not math.isfinite(loss_value) or overflow:
+                    if not scaler.enabled or scaler.skipped_in_a_row + 1 >= MAX_SKIPPED_IN_A_ROW:
+                        raise MinbertError(f"the masked-LM loss is {loss_value} at epoch {epoch + 1}"
+                                           + (f" ({scaler.skipped_in_a_row + 1} fp16 steps skipped in a row)"
+                                              if scaler.enabled else "") + "; try a lower --lr")
+                    scaler.update(skipped=True)
+                    continue
+                scaler.update(skipped=False)
                 if cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
                 optimizer.step()
                 lr_sched.step()
-            history.append({"epoch": epoch + 1, "loss": loss.item(), "masked_token_accuracy": heldout_accuracy()})
+            history.append({"epoch": epoch + 1, "loss": loss.item(), "masked_token_accuracy": heldout_accuracy(),
+                            **({"loss_scale": scaler.scale_value, "skipped_steps": scaler.skipped}
+                               if scaler.enabled else {})})
             save_model(model, tok, run_dir, epoch + 1)
             atomic_write(run_dir / "metrics.jsonl",
                          lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in history)))

@@ -26,8 +26,9 @@ class Progress:
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)  # metrics.jsonl, one record per evaluation
 
-    def is_better(self, score: float) -> bool:
-        return self.best_score is None or score > self.best_score
+    def is_better(self, score: float, lower: bool = False) -> bool:
+        """Whether `score` beats the best so far (higher is better, or lower when `lower`)."""
+        return self.best_score is None or (score < self.best_score if lower else score > self.best_score)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainState:
                 "param_groups": opt["param_groups"], "lr_scheduler": self.lr_scheduler.state_dict(),
                 "streams": {t: s.state_dict() for t, s in self.streams.items()}}
         m = self.methods
+        meta["loss_scaler"] = m.scaler.state_dict()
         if m.gradnorm:
             gn = m.gradnorm.state_dict()
             tensors.update({"gradnorm.weights": gn["weights"], **flatten_optimizer("gradnorm.opt", gn["optimizer"])})
@@ -75,6 +77,7 @@ class TrainState:
         for task, stream in self.streams.items():
             stream.load_state_dict(meta["streams"][task])
         m = self.methods
+        m.scaler.load_state_dict(meta["loss_scaler"])
         if m.gradnorm:
             m.gradnorm.load_state_dict({
                 "weights": tensors["gradnorm.weights"], "initial_losses": tensors.get("gradnorm.initial_losses"),
