@@ -9,48 +9,14 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from data import TASKS
 from heads import MultitaskBert
+from heads.export import export_sentence_transformer
 from minbert.errors import ConfigError, MinbertError
 from minbert.runtime import AMP_CHOICES, resolve_device, resolve_precision
 from training.config import DataOptions
 from training.evaluation import average, dev_metrics, labels_by_id, write_predictions
-
-
-def plot(dev: dict, predictions: dict, directory: Path) -> list[Path]:
-    """Confusion matrices for the classification tasks and a residual plot for similarity, as PNG."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError('--plots needs matplotlib: pip install -e ".[plots]"') from None
-    written = []
-    for task, enc in dev.items():
-        pred = np.array([predictions[task][i] for i in enc.ids], dtype=float)
-        gold = np.array(enc.labels, dtype=float)
-        fig, ax = plt.subplots(figsize=(5, 4))
-        if enc.is_regression:
-            ax.scatter(gold, pred - gold, s=4, alpha=0.5)
-            ax.axhline(0, color="k", lw=0.8)
-            ax.set(xlabel="gold similarity", ylabel="predicted - gold", title=f"{task} dev residuals")
-        else:
-            n = TASKS[task].num_classes
-            cm = np.zeros((n, n), dtype=int)
-            np.add.at(cm, (gold.astype(int), pred.astype(int)), 1)
-            ax.imshow(cm, cmap="Blues")
-            for (r, c), v in np.ndenumerate(cm):
-                ax.text(c, r, str(v), ha="center", va="center", fontsize=8)
-            ax.set(xlabel="predicted", ylabel="gold", title=f"{task} dev confusion matrix",
-                   xticks=range(n), yticks=range(n))
-        path = directory / f"{task}-dev-{'residuals' if enc.is_regression else 'confusion'}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
-    return written
+from training.plots import plot_predictions
 
 
 def format_table(rows: dict[str, dict]) -> str:
@@ -78,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="mixed precision: auto = bf16 on GPUs that have it, else fp16 on CUDA, float32 on the CPU")
     p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="float32 (same as --amp off)")
     p.add_argument("--plots", action="store_true", help="write confusion matrices and an STS residual plot (PNG)")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="instead of scoring, write the checkpoint's encoder as a folder transformers and "
+                        "sentence-transformers load (LoRA merged; PALs, the BiLSTM and cross-encoders refused)")
     args = p.parse_args(argv)
     for name in ("batch_size", "max_length"):
         if getattr(args, name) < 1:
@@ -91,7 +60,10 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict:
     precision = resolve_precision(device, args.amp)
     data = DataOptions(args.data_dir, **{k: v for k, v in vars(args).items() if k.endswith(("_dev", "_test"))})
     models = {path: MultitaskBert.from_checkpoint(path, device) for path in args.checkpoints}
-    tasks = [t for t in next(iter(models.values())).config.tasks if all(t in m.config.tasks for m in models.values())]
+    first = next(iter(models.values()))
+    trained = [t for t in first.config.tasks if all(t in m.config.tasks for m in models.values())]
+    merged = ["cfimdb"] if all(m.config.cfimdb_labels for m in models.values()) else []  # scored by the SST head
+    tasks = trained + merged
     dev_sets, test_sets = {t: data.read(t, "dev", print) for t in tasks}, {}
     for task in tasks:
         if data.file(task, "test").is_file():
@@ -105,9 +77,9 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict:
         dev_scores.append({t: model.predict_scores(enc, args.batch_size, precision) for t, enc in dev.items()})
         test_scores.append({t: model.predict_scores(model.encode(d, args.max_length), args.batch_size, precision)
                             for t, d in test_sets.items()})
-        table[path] = dev_metrics(dev, {t: labels_by_id(t, s) for t, s in dev_scores[-1].items()})
+        table[path] = dev_metrics(dev, {t: labels_by_id(t, s) for t, s in dev_scores[-1].items()}, trained)
     predictions = {t: labels_by_id(t, average([s[t] for s in dev_scores])) for t in tasks}
-    metrics = dev_metrics(dev, predictions)
+    metrics = dev_metrics(dev, predictions, trained)
     if len(models) > 1:
         table[f"ensemble of {len(models)}"] = metrics
     out_dir = Path(args.output_dir)
@@ -117,7 +89,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict:
         write_predictions(out_dir / f"{task}-test-output.csv", task, labels_by_id(task, average(
             [s[task] for s in test_scores])))
     if args.plots:
-        for path in plot(dev, predictions, out_dir):
+        for path in plot_predictions(dev, predictions, out_dir):
             print(f"wrote {path}")
     print(f"predictions in {out_dir}/")
     print(format_table(table))
@@ -125,11 +97,22 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def export(args: argparse.Namespace) -> dict:
+    """--export: the encoder of one checkpoint as a transformers + sentence-transformers folder."""
+    if len(args.checkpoints) != 1:
+        raise ConfigError("--export takes one checkpoint")
+    model = MultitaskBert.from_checkpoint(args.checkpoints[0])
+    directory = export_sentence_transformer(model, args.export)
+    print(f"wrote {directory}: load it with transformers.AutoModel.from_pretrained({str(directory)!r}) or "
+          f"sentence_transformers.SentenceTransformer({str(directory)!r})")
+    return {"export": str(directory)}
+
+
 def main(argv=None) -> dict:
     """The command line: a one-line message and exit code 2 for a usage error, 1 for a bad file or checkpoint."""
     args = parse_args(argv)
     try:
-        return evaluate_checkpoints(args)
+        return export(args) if args.export else evaluate_checkpoints(args)
     except ConfigError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -11,17 +11,19 @@ too; their code is in training/mlm.py and training/sweep.py. From Python: train(
 import hashlib
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from data import TaskStream
+from data import TaskStream, merge_labels
 from heads import MultitaskBert
 from minbert.errors import ConfigError, MinbertError
 from optim import AdamW, TaskSampler, lr_lambda
 from training.config import TrainConfig, parse_args
-from training.evaluation import dev_scores, evaluate
+from training.evaluation import dev_scores, evaluate, lower_is_better
 from training.mlm import pretrain_mlm
+from training.plots import plot_training, pyplot
 from training.session import Session
 from training.state import Progress, TrainState
 from training.step import MethodState, NonFiniteLoss, train_step
@@ -31,18 +33,26 @@ from training.sweep import run_sweep
 def build_model(cfg: TrainConfig, session: Session) -> MultitaskBert:
     """The pre-trained encoder with LoRA / PALs and fresh heads; --option pretrain and --finetune_last freeze."""
     model = MultitaskBert.from_pretrained(cfg.model.model, cfg.head_config(), cfg.adapters.lora_config(),
-                                          cfg.adapters.pals_config(), hidden_dropout_prob=cfg.model.hidden_dropout_prob)
+                                          cfg.adapters.pals_config(), bilstm_dropout=cfg.model.bilstm_dropout,
+                                          hidden_dropout_prob=cfg.model.hidden_dropout_prob)
     model.freeze(encoder=cfg.model.option == "pretrain", train_last=cfg.model.finetune_last)
     return model.to(session.rt.device)
 
 
 def load_data(cfg: TrainConfig, model: MultitaskBert, session: Session) -> tuple[dict, dict]:
-    """Train and dev sets of every task, tokenized once; broken rows are skipped and logged (fatal with --strict)."""
+    """Train and dev sets of every task, tokenized once; broken rows are skipped and logged (fatal with --strict).
+    With --merge_cfimdb, CFIMDB's train reviews join SST's with mapped labels, and its dev set is scored too."""
+    read = lambda task, split: cfg.data.read(task, split, session.log)  # noqa: E731
     train, dev = {}, {}
     for task in cfg.tasks:
-        for split, store in (("train", train), ("dev", dev)):
-            store[task] = model.encode(cfg.data.read(task, split, session.log), cfg.model.max_length)
+        data = read(task, "train")
+        if task == "sst" and cfg.data.merge_cfimdb:
+            data = merge_labels(data, read("cfimdb", "train"), cfg.data.cfimdb_labels())
+            session.log(f"sst: {cfg.data.cfimdb_label_map} mapped CFIMDB reviews added to the SST train set")
+        train[task], dev[task] = (model.encode(d, cfg.model.max_length) for d in (data, read(task, "dev")))
         session.log(f"{task}: {len(train[task])} train / {len(dev[task])} dev rows")
+    if cfg.data.merge_cfimdb:
+        dev["cfimdb"] = model.encode(read("cfimdb", "dev"), cfg.model.max_length)
     return train, dev
 
 
@@ -57,7 +67,7 @@ def task_schedule(cfg: TrainConfig, train: dict, streams: dict, session: Session
     sampler = None if cfg.loop.scheduler == "all" else TaskSampler(
         {t: len(train[t]) for t in cfg.tasks}, cfg.loop.scheduler, batch_size=cfg.loop.batch_size,
         num_epochs=cfg.loop.epochs, order=cfg.loop.task_order.split(",") if cfg.loop.task_order else None,
-        seed=cfg.run.seed)
+        anneal_c=cfg.loop.anneal_c, seed=cfg.run.seed)
     steps = cfg.loop.steps_per_epoch or (sampler.steps_per_epoch if sampler else
                                          max(s.batches_per_pass for s in streams.values()))
     if sampler and sampler.mode == "sequential":
@@ -69,24 +79,121 @@ def task_schedule(cfg: TrainConfig, train: dict, streams: dict, session: Session
     return sampler, steps
 
 
+def progress_fields(result, methods: MethodState, tasks: list[str], tokens_per_s: float) -> dict:
+    """What the progress bar shows after a step: task losses, GradNorm's weights, the fp16 loss scale, tokens/s."""
+    fields = {t: f"{v:.3f}" for t, v in result.losses.items()}
+    if methods.gradnorm:
+        fields.update({f"w_{t}": f"{w:.2f}" for t, w in zip(tasks, methods.gradnorm.w.tolist())})
+    if methods.scaler.enabled:
+        fields.update(scale=f"{methods.scaler.scale_value:g}", skipped=methods.scaler.skipped)
+    return {**fields, "tok/s": f"{tokens_per_s:.0f}"}
+
+
 def save(session: Session, model: MultitaskBert, state: TrainState, record: dict | None = None) -> bool:
     """Commit a checkpoint set for the current step: weights (with `record`, the dev scores, in their metadata),
-    the training state and the metrics so far. Returns whether it became `best` (the best dev score yet)."""
-    p = state.progress
-    is_best = record is not None and p.is_better(record["overall"])
+    the training state and the metrics so far. Returns whether it became `best` (the best --best_metric yet)."""
+    p, metric = state.progress, session.cfg.loop.best_metric
+    is_best = record is not None and p.is_better(record[metric], lower_is_better(metric))
     if record is not None:
         p.history.append(record)
         if is_best:
-            p.best_score, p.best_step = record["overall"], p.global_step
+            p.best_score, p.best_step = record[metric], p.global_step
     metadata = record or {"epoch": p.epoch, "step": p.global_step}
     session.run.commit(p.global_step, lambda folder: (model.save(folder, metadata, session.cfg.run.save_adapters_only),
                                                       state.save(folder)), is_best)
     return is_best
 
 
+@dataclass
+class Window:
+    """Training seconds and tokens since the last evaluation (what metrics.jsonl reports as speed)."""
+
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def restart(self) -> None:
+        self.tokens, self.started = 0, time.perf_counter()
+
+
+def evaluate_and_save(session: Session, model: MultitaskBert, dev: dict, state: TrainState, window: Window,
+                      epoch_end: dict | None = None) -> None:
+    """Dev evaluation at the current step, its metrics.jsonl record (with the training seconds and tokens/s since
+    the last evaluation, and `epoch_end` facts), and a checkpoint set; then the window restarts."""
+    p, methods = state.progress, state.methods
+    metrics, _ = evaluate(model, dev, session.cfg.loop.eval_batch_size, session.rt.precision)
+    seconds = time.perf_counter() - window.started
+    record = {"epoch": p.epoch, "step": p.global_step, **metrics, "train_seconds": round(seconds, 1),
+              "train_tokens_per_s": round(window.tokens / seconds), **(epoch_end or {}),
+              **(methods.gradnorm.log() if methods.gradnorm else {}),
+              **({"loss_scale": methods.scaler.scale_value, "skipped_steps": methods.scaler.skipped}
+                 if methods.scaler.enabled else {})}
+    is_best = save(session, model, state, record)
+    session.log((f"epoch {p.epoch}: " if epoch_end else f"step {p.global_step} (epoch {p.epoch + 1}): ")
+                + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + (" (best, saved)" if is_best else "")
+                + "".join(f" | {k} {v}" for k, v in (epoch_end or {}).items())
+                + (f" | GradNorm weights {methods.gradnorm.weights.tolist()}" if methods.gradnorm else ""))
+    window.restart()
+
+
+def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[str] | None, steps: int,
+                streams: dict, state: TrainState, dev: dict) -> None:
+    """Steps of one epoch (from where the run stands: a resumed run starts mid-epoch), saving and evaluating every
+    --save_every / --eval_every steps and evaluating at its end (rank 0)."""
+    cfg, rt, p = session.cfg, session.rt, state.progress
+    bar = tqdm(range(p.step, steps), desc=f"epoch {epoch + 1}/{cfg.loop.epochs}", initial=p.step, total=steps,
+               dynamic_ncols=True, disable=rt.ranks.rank > 0)
+    window = Window()
+    for step in bar:
+        tasks = [plan[step % len(plan)]] if plan else cfg.tasks
+        try:
+            result = train_step(model, state.optimizer, streams, tasks, cfg, state.methods, rt)
+        except NonFiniteLoss as err:
+            best = session.run.path / "best" if session.run and p.best_score is not None else None
+            raise MinbertError(f"{err} at epoch {epoch + 1} step {step + 1}; training stopped. The last good "
+                               f"checkpoint is {best or 'none (no evaluation finished)'}; try a lower --lr or a "
+                               "--grad_clip") from None
+        if result.stepped:  # a skipped fp16 step leaves the LR schedule where it was
+            state.lr_scheduler.step()
+        window.tokens += result.tokens
+        p.step, p.global_step = step + 1, p.global_step + 1
+        bar.set_postfix(progress_fields(result, state.methods, cfg.tasks,
+                                        window.tokens / (time.perf_counter() - window.started)))
+        if session.run:
+            groups = state.optimizer.param_groups
+            session.run.log_step({"step": p.global_step, "epoch": epoch + 1, "lr": groups[0]["lr"],
+                                  "head_lr": groups[-1]["lr"], "stepped": result.stepped,
+                                  **{f"loss_{t}": v for t, v in result.losses.items()}})
+        if session.run and p.step < steps:  # the end of the epoch evaluates and saves anyway
+            if cfg.loop.eval_every and p.global_step % cfg.loop.eval_every == 0:
+                evaluate_and_save(session, model, dev, state, window)
+            elif cfg.run.save_every and p.global_step % cfg.run.save_every == 0:
+                save(session, model, state)
+    bar.close()
+    p.epoch, p.step = epoch + 1, 0
+    if session.run:
+        per_task = {t: sum(plan[s % len(plan)] == t for s in range(steps)) if plan else steps for t in cfg.tasks}
+        evaluate_and_save(session, model, dev, state, window, {"steps_per_task": per_task})
+
+
+def resume(session: Session, model: MultitaskBert, state: TrainState) -> None:
+    """Continue from the last committed checkpoint set: verified, same data, then weights and state restored."""
+    folder = session.run.last()
+    if TrainState.saved_data(folder) != state.data:
+        raise ConfigError(f"--resume, but the training data differs from the run's (rows or ids changed since "
+                          f"{folder} was saved); resume with the same files, or start over with --overwrite")
+    model.load_state_dict(MultitaskBert.from_checkpoint(folder, session.rt.device).state_dict())
+    state.load(folder, session.rt.device)
+    session.run.refresh()  # links and metrics.jsonl as committed (a kill may have landed between)
+    p = state.progress
+    session.run.drop_steps_after(p.global_step)
+    session.log(f"resumed from {folder} at epoch {p.epoch + 1}, step {p.step}")
+
+
 def finetune(cfg: TrainConfig) -> dict:
     """Multi-task training of MultitaskBert; returns the best checkpoint's dev metrics."""
     # ---- set-up: device, ranks, run folder ---------------------------------------------------------------------
+    if cfg.run.plots:
+        pyplot()  # a missing matplotlib stops the run now, not after it
     session = Session.start(cfg, f"fine-tuning on {cfg.model.tasks}")
     rt = session.rt
     try:
@@ -107,7 +214,7 @@ def finetune(cfg: TrainConfig) -> dict:
         total_steps = steps_per_epoch * cfg.loop.epochs
         lr_sched = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(o.lr_schedule, o.warmup_steps(total_steps), total_steps))
-        state = TrainState(optimizer, lr_sched, streams, MethodState.create(model, cfg), Progress(),
+        state = TrainState(optimizer, lr_sched, streams, MethodState.create(model, cfg, rt.precision), Progress(),
                            data_fingerprint(train))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         session.log(f"{trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters | "
@@ -115,77 +222,27 @@ def finetune(cfg: TrainConfig) -> dict:
         if cfg.run.resume:
             resume(session, model, state)
 
-        # ---- loop ----------------------------------------------------------------------------------------------
-        p = state.progress
-        for epoch in range(p.epoch, cfg.loop.epochs):
-            plan = sampler.schedule(epoch + 1) if sampler else None
+        # ---- loop: each epoch ends with a dev evaluation and a checkpoint set ---------------------------------------
+        for epoch in range(state.progress.epoch, cfg.loop.epochs):
             model.train()
-            bar = tqdm(range(p.step, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.loop.epochs}", initial=p.step,
-                       total=steps_per_epoch, dynamic_ncols=True, disable=rt.ranks.rank > 0)
-            steps_per_task = {t: sum(plan[s % len(plan)] == t for s in range(steps_per_epoch)) if plan else
-                              steps_per_epoch for t in cfg.tasks}
-            tokens, started = 0, time.perf_counter()
-            for step in bar:
-                tasks = [plan[step % len(plan)]] if plan else cfg.tasks
-                try:
-                    losses, n = train_step(model, optimizer, streams, tasks, cfg, state.methods, rt)
-                except NonFiniteLoss as err:
-                    best = session.run.path / "best" if session.run and p.best_score is not None else None
-                    raise MinbertError(f"{err} at epoch {epoch + 1} step {step + 1}; training stopped. The last good "
-                                       f"checkpoint is {best or 'none (no evaluation finished)'}; try a lower --lr "
-                                       "or a --grad_clip") from None
-                lr_sched.step()
-                tokens += n
-                p.step, p.global_step = step + 1, p.global_step + 1
-                gradnorm = state.methods.gradnorm
-                weights = {f"w_{t}": f"{w:.2f}" for t, w in zip(cfg.tasks, gradnorm.w.tolist())} if gradnorm else {}
-                bar.set_postfix({**{t: f"{v:.3f}" for t, v in losses.items()}, **weights,
-                                 "tok/s": f"{tokens / (time.perf_counter() - started):.0f}"})
-                if session.run and cfg.run.save_every and p.global_step % cfg.run.save_every == 0 \
-                        and p.step < steps_per_epoch:  # the end of the epoch saves anyway
-                    save(session, model, state)
-            bar.close()
-            train_seconds = time.perf_counter() - started
-            p.epoch, p.step = epoch + 1, 0
-            if session.run is None:
-                continue
-
-            # ---- dev evaluation and checkpoint (rank 0) ------------------------------------------------------------
-            metrics, _ = evaluate(model, dev, cfg.loop.eval_batch_size, rt.precision)
-            record = {"epoch": p.epoch, "step": p.global_step, **metrics, "train_seconds": round(train_seconds, 1),
-                      "train_tokens_per_s": round(tokens / train_seconds), "steps_per_task": steps_per_task,
-                      **(state.methods.gradnorm.log() if state.methods.gradnorm else {})}
-            is_best = save(session, model, state, record)
-            session.log(f"epoch {epoch + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                        + (" (best, saved)" if is_best else "") + f" | batches per task {steps_per_task}"
-                        + (f" | GradNorm weights {state.methods.gradnorm.weights.tolist()}"
-                           if state.methods.gradnorm else ""))
+            plan = sampler.schedule(epoch + 1) if sampler else None
+            train_epoch(session, model, epoch, plan, steps_per_epoch, streams, state, dev)
         if session.run is None:
             return {}
 
         # ---- summary -------------------------------------------------------------------------------------------
+        p = state.progress
         best = next(r for r in p.history if r["step"] == p.best_step)
-        session.log(f"best checkpoint: {session.run.path / 'best'} (overall {p.best_score:.4f}); score it with: "
-                    f"python evaluate.py {session.run.path / 'best'} --data_dir {cfg.data.data_dir}")
-        return dev_scores(best, cfg.tasks)
+        session.log(f"best checkpoint: {session.run.path / 'best'} ({cfg.loop.best_metric} {p.best_score:.4f}); "
+                    f"score it with: python evaluate.py {session.run.path / 'best'} --data_dir {cfg.data.data_dir}")
+        if cfg.run.plots:
+            session.log("training curves: " + ", ".join(map(str, plot_training(session.run.path))))
+        return dev_scores(best, cfg.scored_tasks)
     except MinbertError as err:
         session.log(f"error: {err}", echo=False)  # main prints it; the log keeps it
         raise
     finally:
         session.close()
-
-
-def resume(session: Session, model: MultitaskBert, state: TrainState) -> None:
-    """Continue from the last committed checkpoint set: verified, same data, then weights and state restored."""
-    folder = session.run.last()
-    if TrainState.saved_data(folder) != state.data:
-        raise ConfigError(f"--resume, but the training data differs from the run's (rows or ids changed since "
-                          f"{folder} was saved); resume with the same files, or start over with --overwrite")
-    model.load_state_dict(MultitaskBert.from_checkpoint(folder, session.rt.device).state_dict())
-    state.load(folder, session.rt.device)
-    session.run.refresh()  # links and metrics.jsonl as committed (a kill may have landed between)
-    p = state.progress
-    session.log(f"resumed from {folder} at epoch {p.epoch + 1}, step {p.step}")
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -1,7 +1,8 @@
 """Task data: the task registry, tab-separated readers, pre-tokenization, batching and training streams."""
 from .batching import EncodedTask, TaskStream, batch_indices, collate, encode_dataset, eval_batches
-from .readers import DataError, TaskDataset, load_split, read_task, split_path
+from .readers import DataError, TaskDataset, load_split, merge_labels, read_task, split_path
 from .tasks import TASKS, Task, get_task, overall
 
 __all__ = ["DataError", "EncodedTask", "TASKS", "Task", "TaskDataset", "TaskStream", "batch_indices", "collate",
-           "encode_dataset", "eval_batches", "get_task", "load_split", "overall", "read_task", "split_path"]
+           "encode_dataset", "eval_batches", "get_task", "load_split", "merge_labels", "overall", "read_task",
+           "split_path"]

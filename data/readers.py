@@ -95,6 +95,13 @@ def read_task(path: str | Path, spec: Task | str, labeled: bool = True, strict: 
     return data
 
 
+def merge_labels(base: TaskDataset, extra: TaskDataset, classes: list[int]) -> TaskDataset:
+    """`base` with the rows of `extra` appended, extra's label i becoming base's class classes[i] (CFIMDB's
+    negative/positive into SST's five classes)."""
+    return TaskDataset(base.spec, base.path, base.ids + extra.ids, base.texts + extra.texts, None,
+                       base.labels + [classes[label] for label in extra.labels], base.skipped + extra.skipped)
+
+
 def split_path(data_dir: str | Path, task: str, split: str) -> Path:
     """The standard CS224N file of `split` ("train", "dev" or "test" = the unlabeled test-student file)."""
     return Path(data_dir) / get_task(task).file_pattern.format(split="test-student" if split == "test" else split)

@@ -1,11 +1,13 @@
 """The task registry: every fact about a CS224N task, declared once. Readers, heads, losses, evaluation and the
 prediction files all read it.
 
-A task's `kind` fixes how its model output is read:
-  sentiment   C class logits (B, C): cross-entropy; scores = softmax; label = argmax; accuracy and macro-F1
-  paraphrase  one logit (B,): binary cross-entropy; scores = sigmoid; label = score > 0.5; accuracy and F1
-  similarity  a 0-5 score (B,): mean squared error; scores = the output; label = score clipped to [0, 5];
-              Pearson's r (the CS224N metric), Spearman's ρ and mean squared error
+A task's `kind` fixes its labels and metrics; its objective (a default, or a --para_loss / --sts_loss choice) fixes
+how the head's output is trained and turned into scores, the values ensembles average:
+  sentiment   C class logits (B, C): cross_entropy; scores = softmax; label = argmax; accuracy and macro-F1
+  paraphrase  one logit (B,): bce; scores = sigmoid; or cos(u, v) read from a `cosine` head: cosine_embedding;
+              scores = cos clipped to [0, 1]. Label = score > 0.5; accuracy and F1
+  similarity  a 0-5 score (B,): mse, or mse_rescaled (MSE in the cosine's range [-1, 1], i.e. mse / 6.25); scores =
+              the output; label = score clipped to [0, 5]; Pearson's r (the CS224N metric), Spearman's ρ and MSE
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
+
+from minbert.errors import ConfigError
 
 KINDS = ("sentiment", "paraphrase", "similarity")
 SMART_DIVERGENCE = {"sentiment": "classification", "paraphrase": "binary", "similarity": "regression"}
@@ -81,22 +85,13 @@ class Task:
             raise ValueError(f"label {raw!r} out of range in column '{self.label_column}' (expected {expected})")
         return value if self.is_regression else int(value)
 
-    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy (sentiment), binary cross-entropy on the logit (paraphrase), MSE on 0-5 (similarity)."""
-        out = out.float()
-        if self.kind == "sentiment":
-            return F.cross_entropy(out, labels)
-        if self.kind == "paraphrase":
-            return F.binary_cross_entropy_with_logits(out, labels.float())
-        return F.mse_loss(out, labels.float())
-
-    def scores(self, out: torch.Tensor) -> torch.Tensor:
-        """Model output in a space where averaging makes sense (ensembles): class probabilities (B, C),
-        paraphrase probability (B,) or similarity score (B,)."""
-        out = out.float()
-        if self.kind == "sentiment":
-            return out.softmax(-1)
-        return torch.sigmoid(out) if self.kind == "paraphrase" else out
+    def objective(self, name: str | None = None) -> Objective:
+        """The objective `name` (default: the task's own), checked to fit this task's kind."""
+        objective = OBJECTIVES.get(name or DEFAULT_OBJECTIVE[self.kind])
+        if objective is None or objective.kind != self.kind:
+            fitting = [o.name for o in OBJECTIVES.values() if o.kind == self.kind]
+            raise ConfigError(f"--{self.name}_loss {name}: use one of {', '.join(fitting)}")
+        return objective
 
     def labels(self, scores: torch.Tensor) -> list:
         """Scores -> predicted labels: class index, 0/1 paraphrase, similarity clipped to [0, max_score]."""
@@ -117,6 +112,49 @@ class Task:
             values["macro_f1" if self.kind == "sentiment" else "f1"] = (
                 macro_f1(pred, true) if self.kind == "sentiment" else f1(pred == 1, true == 1))
         return {f"{self.name}_{k}": v for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How a head's output is trained (`loss`) and read (`scores`: what ensembles average, in a space where the
+    task's labels follow from them: probabilities, paraphrase probability-like values in [0, 1], 0-5 scores)."""
+
+    name: str
+    kind: str
+    head: str | None = None  # the head it needs, when it reads a particular output
+
+    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out, target = out.float(), labels.float()
+        if self.name == "cross_entropy":
+            return F.cross_entropy(out, labels)
+        if self.name == "bce":
+            return F.binary_cross_entropy_with_logits(out, target)
+        if self.name == "cosine_embedding":  # PyTorch's CosineEmbeddingLoss, margin 0: 1 - cos or max(0, cos)
+            cos = out / 2.5 - 1  # the `cosine` head's (cos + 1) * 2.5, back to cos(u, v)
+            return torch.where(target > 0.5, 1 - cos, cos.clamp(min=0)).mean()
+        if self.name == "mse_rescaled":  # labels and output mapped from [0, 5] to the cosine's range [-1, 1]
+            return F.mse_loss(out / 2.5 - 1, target / 2.5 - 1)
+        return F.mse_loss(out, target)
+
+    def scores(self, out: torch.Tensor) -> torch.Tensor:
+        out = out.float()
+        if self.name == "cross_entropy":
+            return out.softmax(-1)
+        if self.name == "bce":
+            return torch.sigmoid(out)
+        if self.name == "cosine_embedding":
+            return (out / 2.5 - 1).clamp(0, 1)  # cos(u, v) > 0.5 is a paraphrase
+        return out
+
+
+OBJECTIVES = {o.name: o for o in (
+    Objective("cross_entropy", "sentiment"),
+    Objective("bce", "paraphrase"),
+    Objective("cosine_embedding", "paraphrase", head="cosine"),
+    Objective("mse", "similarity"),
+    Objective("mse_rescaled", "similarity"),
+)}
+DEFAULT_OBJECTIVE = {"sentiment": "cross_entropy", "paraphrase": "bce", "similarity": "mse"}
 
 
 def f1(predicted: np.ndarray, gold: np.ndarray) -> float:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from minbert.bilstm import BiLSTMEncoder
 from minbert.checkpoint import save_json, save_tensors
+from minbert.errors import ConfigError
 from minbert.model import merged_state_dict
 
 from .multitask import MultitaskBert
@@ -57,14 +58,15 @@ def export_sentence_transformer(model: MultitaskBert, directory: str | Path,
                                 max_seq_length: int | None = None) -> Path:
     """Write the encoder and tokenizer as a transformers folder plus the sentence-transformers modules for the
     model's pooling; LoRA/DoRA is merged into the saved weights (the model keeps its adapters). `max_seq_length`
-    defaults to the encoder's positions, at most 512. Raises ValueError for what cannot be expressed."""
+    defaults to the encoder's positions, at most 512. Raises ConfigError (a ValueError) for what cannot be
+    expressed."""
     reason = export_refusal(model)
     if reason is not None:
-        raise ValueError(f"minbert: cannot export to {directory}: {reason}")
+        raise ConfigError(f"minbert: cannot export to {directory}: {reason}")
     positions = model.bert.config.max_position_embeddings
     max_seq_length = min(positions, MAX_SEQ_LENGTH) if max_seq_length is None else max_seq_length
     if not 0 < max_seq_length <= positions:
-        raise ValueError(f"minbert: cannot export to {directory}: max_seq_length {max_seq_length} is outside the "
+        raise ConfigError(f"minbert: cannot export to {directory}: max_seq_length {max_seq_length} is outside the "
                          f"encoder's 1..{positions} positions; pass at most {positions}")
     directory, pooler = Path(directory), model.pooling.kind == "pooler"
     model.bert.save_pretrained(directory)

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data import TASKS, EncodedTask, TaskDataset, encode_dataset, eval_batches
+from data.tasks import Objective
 from minbert import BertConfig, BertModel, CheckpointError, Tokenizer
 from minbert.bilstm import BiLSTMConfig, BiLSTMEncoder
 from minbert.checkpoint import PICKLE_SUFFIXES, read_json, read_tensors, save_json, save_tensors
@@ -18,27 +19,34 @@ from minbert.errors import ConfigError
 from minbert.loading import default_model, load_checked
 from minbert.lora import ADAPTER_PARAMS, LoRAConfig
 from minbert.pals import PALs, PALsConfig
-from minbert.runtime import autocast
+from minbert.runtime import autocast, resolve_precision
 from optim import param_groups_for_weight_decay
 
 from .pooling import Pooling
-from .task_heads import PairHead, SentimentHead
+from .task_heads import HeadSpec, TaskHead, legacy_head_keys
 
-FORMAT = "minbert-multitask/1"
+FORMAT = "minbert-multitask/2"
+LEGACY_FORMAT = "minbert-multitask/1"  # before head specs: old head parameter names, ReLU streams
 RUN_MARKERS = ("checkpoint.json", "checkpoints", "last")  # only a train.py run folder holds these
 
 
 @dataclass
 class HeadConfig:
-    """Which tasks, how sentences become vectors, and which head each task uses."""
+    """Which tasks, how sentences become vectors, which head and loss each task uses (heads/task_heads.py,
+    data/tasks.py)."""
 
     tasks: list[str] = field(default_factory=lambda: ["sst", "para", "sts"])
     pooling: str = "mean"  # pooler | cls | mean | concat
     pair_encoding: str = "bi"  # bi (siamese: each sentence alone) | cross ([CLS] a [SEP] b [SEP])
-    sentiment_head: str = "linear"  # linear | mlp
-    para_head: str = "features"  # bi: features | concat | difference | cosine_logit; cross: linear
-    sts_head: str = "cosine_relu"  # bi: cosine_relu | cosine | dot | features | concat | difference; cross: linear
-    multi_stream: int = 0  # width of the shared and task-specific streams (0 = off)
+    sentiment_head: str = "linear"  # a head spec or preset, for sst and cfimdb
+    para_head: str = "features"
+    sts_head: str = "cosine_relu"
+    multi_stream: int = 0  # width of the shared and of each task-specific stream, concatenated (0 = off)
+    shared_layer: int = 0  # width of one shared projection and no task streams (0 = off)
+    stream_activation: str = "none"  # on the streams / shared layer: none (linear, as in the project) | relu
+    para_loss: str = "bce"  # bce | cosine_embedding
+    sts_loss: str = "mse"  # mse | mse_rescaled
+    cfimdb_labels: list[int] | None = None  # CFIMDB merged into SST: the SST classes its labels 0 and 1 became
     dropout: float = 0.1
 
     def __post_init__(self):
@@ -49,10 +57,42 @@ class HeadConfig:
             raise ConfigError(f"--tasks must name each task once, got {','.join(self.tasks) or 'none'}")
         if self.pair_encoding not in ("bi", "cross"):
             raise ConfigError(f"--pair_encoding must be 'bi' or 'cross', got {self.pair_encoding!r}")
-        if self.pair_encoding == "cross":
-            self.para_head = self.sts_head = "linear"
-        elif "linear" in (self.para_head, self.sts_head):
-            raise ConfigError("the 'linear' pair head needs --pair_encoding cross")
+        if self.pair_encoding == "cross":  # the bi-encoder defaults become the cross-encoder's linear head
+            self.para_head = "linear" if self.para_head == "features" else self.para_head
+            self.sts_head = "linear" if self.sts_head == "cosine_relu" else self.sts_head
+        if self.multi_stream and self.shared_layer:
+            raise ConfigError("choose one of --multi_stream (shared + task streams) and --shared_layer")
+        if self.stream_activation not in ("none", "relu"):
+            raise ConfigError(f"--stream_activation must be none or relu, got {self.stream_activation!r}")
+        for task in self.tasks:
+            self.head_spec(task), self.objective(task)  # each checks itself and the pair
+
+    def head_name(self, task: str) -> str:
+        kind = TASKS[task].kind
+        return self.sentiment_head if kind == "sentiment" else self.para_head if kind == "paraphrase" else self.sts_head
+
+    def head_spec(self, task: str) -> HeadSpec:
+        """The parsed head of `task`, checked against its input."""
+        pair, cross = TASKS[task].is_pair, self.pair_encoding == "cross"
+        flag = "sentiment" if not pair else task
+        if self.head_name(task) == "linear" and pair and not cross:
+            raise ConfigError(f"--{flag}_head linear reads a cross-encoded pair: add --pair_encoding cross")
+        spec = HeadSpec.parse(self.head_name(task), pair, cross)
+        spec.check(flag, pair, cross)
+        return spec
+
+    def objective(self, task: str) -> Objective:
+        """The loss and scores of `task`, checked against its head."""
+        loss = {"para": self.para_loss, "sts": self.sts_loss}.get(task)
+        objective, spec = TASKS[task].objective(loss), self.head_spec(task)
+        if objective.head is not None and str(spec) != objective.head:
+            raise ConfigError(f"--{task}_loss {objective.name} reads the output of --{task}_head {objective.head}, "
+                              f"not {spec}")
+        if objective.name == "bce" and spec.score:
+            raise ConfigError(f"--para_head {spec} gives a score, not a logit: binary cross-entropy needs a learned "
+                              "head (features, concat, cos, ...), or use --para_loss cosine_embedding with "
+                              "--para_head cosine")
+        return objective
 
 
 class MultitaskBert(nn.Module):
@@ -73,29 +113,30 @@ class MultitaskBert(nn.Module):
             lora.apply(bert)
         self.pooling = Pooling(config.pooling, bert.config.hidden_size)
         dim = self.pooling.out_dim
-        if config.multi_stream:
-            self.shared_stream = nn.Linear(dim, config.multi_stream)
-            self.streams = nn.ModuleDict({t: nn.Linear(dim, config.multi_stream) for t in config.tasks})
-            dim = 2 * config.multi_stream
+        width = config.multi_stream or config.shared_layer
+        if width:  # Multitask-BERT streams: a shared projection, and with multi_stream one per task, concatenated
+            self.shared_stream = nn.Linear(dim, width)
+            if config.multi_stream:
+                self.streams = nn.ModuleDict({t: nn.Linear(dim, width) for t in config.tasks})
+            dim = 2 * width if config.multi_stream else width
         # layer-parallel task-specific adapters (Stickland & Murray 2019), routed by task name
-        self.pals = PALs(pals, bert.config, config.tasks) if pals is not None else None
-        self.heads = nn.ModuleDict()
-        for name in config.tasks:
-            task = TASKS[name]
-            self.heads[name] = SentimentHead(config.sentiment_head, dim, task.num_outputs, config.dropout) \
-                if task.kind == "sentiment" else \
-                PairHead(config.para_head if task.kind == "paraphrase" else config.sts_head, dim, config.dropout)
+        self.pals = PALs(pals, bert.config, pals.tasks or config.tasks) if pals is not None else None
+        if pals is not None and not set(pals.tasks or ()) <= set(config.tasks):
+            raise ConfigError(f"--pals_tasks {','.join(pals.tasks)} must be among --tasks {','.join(config.tasks)}")
+        self.objectives = {task: config.objective(task) for task in config.tasks}
+        self.heads = nn.ModuleDict({task: TaskHead(config.head_spec(task), dim, TASKS[task].num_outputs,
+                                                   config.dropout, TASKS[task].kind) for task in config.tasks})
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, config: HeadConfig | None = None, lora: LoRAConfig | None = None,
-                        pals: PALsConfig | None = None, **bert_overrides):
-        """A fresh multi-task model on a pre-trained encoder (directory, cached name or 'minilm'); LoRA and PALs
+                        pals: PALsConfig | None = None, bilstm_dropout: float = 0.3, **bert_overrides):
+        """A fresh multi-task model on a pre-trained encoder (directory, Hub name or 'minilm'); LoRA and PALs
         optional. 'bilstm' is the non-BERT baseline: a BiLSTM over trainable embeddings of the same WordPiece vocab."""
         if str(name_or_path) == "bilstm":
             if lora or pals:
                 raise ConfigError("LoRA and PALs adapt BERT layers; the bilstm baseline has none")
             tok = Tokenizer.from_pretrained(default_model())
-            encoder = BiLSTMEncoder(BiLSTMConfig(tok.vocab_size, pad_token_id=tok.pad_token_id))
+            encoder = BiLSTMEncoder(BiLSTMConfig(tok.vocab_size, dropout=bilstm_dropout, pad_token_id=tok.pad_token_id))
             return cls(encoder, config or HeadConfig(), tok, "bilstm")
         bert = BertModel.from_pretrained(name_or_path, **bert_overrides)
         return cls(bert, config or HeadConfig(), Tokenizer.from_pretrained(name_or_path), str(name_or_path), lora,
@@ -117,7 +158,8 @@ class MultitaskBert(nn.Module):
 
     def shared_modules(self) -> list[nn.Module]:
         """The modules every task goes through: encoder, pooling and the shared stream."""
-        return [self.bert, self.pooling] + ([self.shared_stream] if self.config.multi_stream else [])
+        streams = self.config.multi_stream or self.config.shared_layer
+        return [self.bert, self.pooling] + ([self.shared_stream] if streams else [])
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters used by every task (PCGrad combines their task gradients)."""
@@ -193,60 +235,77 @@ class MultitaskBert(nn.Module):
                         paired: bool) -> torch.Tensor:
         """Encoder (with the task's PALs, if any), pooling, streams and head on embedding-layer output (B, T, H);
         SMART perturbs `embeddings`."""
-        adapter = self.pals.route(task) if self.pals is not None else None
+        adapter = self.pals.route(task) if self.pals is not None and task in self.pals else None
         x = self.pooling(self.bert.encode(embeddings, attention_mask, adapter), attention_mask)
-        if self.config.multi_stream:
-            x = torch.cat([F.relu(self.shared_stream(x)), F.relu(self.streams[task](x))], dim=-1)
+        if self.config.multi_stream or self.config.shared_layer:
+            act = F.relu if self.config.stream_activation == "relu" else (lambda h: h)
+            shared = act(self.shared_stream(x))
+            x = torch.cat([shared, act(self.streams[task](x))], dim=-1) if self.config.multi_stream else shared
         return self.heads[task](*x.chunk(2)) if paired else self.heads[task](x)
 
     def forward(self, task: str, batch: dict) -> torch.Tensor:
         return self.from_embeddings(task, *self.embed(batch))
 
     def loss(self, task: str, batch: dict) -> torch.Tensor:
-        """The task's loss (data/tasks.py) on a batch with labels."""
-        return TASKS[task].loss(self(task, batch), batch["labels"])
+        """The task's loss (its objective, data/tasks.py) on a batch with labels."""
+        return self.objectives[task].loss(self(task, batch), batch["labels"])
 
     # ---- prediction -------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def predict_scores(self, encoded: EncodedTask, batch_size: int = 256, precision: str = "fp32",
+    def predict_scores(self, encoded: EncodedTask, batch_size: int = 256, amp: str = "auto",
                        progress: bool = True) -> dict[str, torch.Tensor]:
         """Scores by id for every row (Task.scores: class probabilities, paraphrase probability or similarity), in
-        large length-sorted batches, under `precision` ("fp32", "bf16" or "fp16" autocast)."""
-        if encoded.task not in self.heads:
-            raise ConfigError(f"this model has no {encoded.task!r} head (its tasks: {', '.join(self.config.tasks)})")
+        large length-sorted batches. `amp` as train.py's --amp: auto (bf16 or fp16 on CUDA, float32 on the CPU),
+        bf16, fp16 or off."""
+        head = self.scoring_head(encoded.task)
         was_training = self.training
         self.eval()
-        device, task, out = next(self.parameters()).device, TASKS[encoded.task], {}
+        device, out = next(self.parameters()).device, {}
+        precision = resolve_precision(device, amp)
         for batch in tqdm(eval_batches(encoded, batch_size), total=-(-len(encoded) // batch_size),
                           desc=f"predict {encoded.task}", disable=not progress, leave=False):
             with autocast(device, precision):
-                y = self(encoded.task, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})
-            out.update(zip(batch["ids"], task.scores(y).cpu()))
+                y = self(head, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})
+            scores = self.objectives[head].scores(y)
+            if head != encoded.task:  # CFIMDB merged into SST: [p(negative), p(positive)] from the SST classes
+                low, high = self.config.cfimdb_labels
+                expected = scores @ torch.arange(scores.shape[-1], dtype=scores.dtype, device=scores.device)
+                positive = ((expected - low) / (high - low)).clamp(0, 1)  # > 0.5: nearer the positive class
+                scores = torch.stack([1 - positive, positive], dim=-1)  # (B, 2)
+            out.update(zip(batch["ids"], scores.cpu()))
         self.train(was_training)
         return {i: out[i] for i in encoded.ids}
 
+    def scoring_head(self, task: str) -> str:
+        """The head that scores `task`: its own, or SST's for CFIMDB merged into SST training."""
+        if task in self.heads:
+            return task
+        if task == "cfimdb" and self.config.cfimdb_labels:
+            return "sst"
+        raise ConfigError(f"this model has no {task!r} head (its tasks: {', '.join(self.config.tasks)})")
+
     def _predict(self, task: str, texts: list[str], pairs: list[str] | None, batch_size: int, max_length: int,
-                 precision: str) -> list:
+                 amp: str) -> list:
         dataset = TaskDataset(TASKS[task], Path("<texts>"), [str(i) for i in range(len(texts))], list(texts),
                               None if pairs is None else list(pairs))
-        scores = self.predict_scores(self.encode(dataset, max_length), batch_size, precision, progress=False)
+        scores = self.predict_scores(self.encode(dataset, max_length), batch_size, amp, progress=False)
         return TASKS[task].labels(torch.stack(list(scores.values()))) if scores else []
 
     def predict_sentiment(self, texts: list[str], task: str = "sst", batch_size: int = 64, max_length: int = 128,
-                          precision: str = "fp32") -> list[int]:
-        """Class per text (SST: 0 very negative ... 4 very positive)."""
-        return self._predict(task, texts, None, batch_size, max_length, precision)
+                          amp: str = "auto") -> list[int]:
+        """Class per text (SST: 0 very negative ... 4 very positive; CFIMDB: 0 or 1); `amp` as in predict_scores."""
+        return self._predict(task, texts, None, batch_size, max_length, amp)
 
     def predict_paraphrase(self, pairs: list[tuple[str, str]], batch_size: int = 64, max_length: int = 128,
-                           precision: str = "fp32") -> list[int]:
+                           amp: str = "auto") -> list[int]:
         """1 if the two questions are paraphrases, else 0."""
-        return self._predict("para", [a for a, _ in pairs], [b for _, b in pairs], batch_size, max_length, precision)
+        return self._predict("para", [a for a, _ in pairs], [b for _, b in pairs], batch_size, max_length, amp)
 
     def predict_similarity(self, pairs: list[tuple[str, str]], batch_size: int = 64, max_length: int = 128,
-                           precision: str = "fp32") -> list[float]:
+                           amp: str = "auto") -> list[float]:
         """Similarity in [0, 5] per pair."""
-        return self._predict("sts", [a for a, _ in pairs], [b for _, b in pairs], batch_size, max_length, precision)
+        return self._predict("sts", [a for a, _ in pairs], [b for _, b in pairs], batch_size, max_length, amp)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
@@ -279,11 +338,13 @@ class MultitaskBert(nn.Module):
         path = Path(path)
         check_checkpoint_dir(path)
         config = read_json(path / "config.json")
-        if config.get("format") != FORMAT:
+        if config.get("format") not in (FORMAT, LEGACY_FORMAT):
             raise CheckpointError(f"minbert: {path / 'config.json'} is not a {FORMAT} checkpoint config "
                                   "(a plain BERT checkpoint goes to train.py --model instead)")
+        legacy = config["format"] == LEGACY_FORMAT
         try:
-            heads, lora = HeadConfig(**config["heads"]), config.get("lora") and LoRAConfig.from_dict(config["lora"])
+            head_fields = {**({"stream_activation": "relu"} if legacy else {}), **config["heads"]}
+            heads, lora = HeadConfig(**head_fields), config.get("lora") and LoRAConfig.from_dict(config["lora"])
             pals = config.get("pals") and PALsConfig.from_dict(config["pals"])
             if config.get("adapters_only"):
                 model = cls(BertModel.from_pretrained(config["base_model"]), heads, Tokenizer.from_pretrained(path),
@@ -304,6 +365,8 @@ class MultitaskBert(nn.Module):
                 f"{config['base_fingerprint'][:12]}), but that name now gives other weights "
                 f"({model.base_fingerprint[:12]}); load it on the base model it was trained on")
         saved, _ = read_tensors(path / "model.safetensors", device)
+        if legacy:
+            saved = legacy_head_keys(saved)
         if config.get("adapters_only"):
             saved = {**model.state_dict(), **saved}  # the base supplies the rest; unknown keys still fail
         load_checked(model, saved, path / "model.safetensors", optional=())

@@ -1,57 +1,134 @@
-"""Task heads: sentiment classifiers and sentence-pair heads for paraphrase and similarity."""
+"""Task heads as a small spec: features of the sentence vector(s) -> an MLP of chosen widths and activation (with
+dropout) -> the output; or a parameter-free score of the two sentence vectors.
+
+A spec is `FEATURES[:W1,W2,...[:ACTIVATION]]`, e.g. `sentence:256,64:relu` (the CS224N projects' SST MLP),
+`features:512,64` (pairs: [u; v; |u-v|; u*v] -> 512 -> 64 -> out), `product` (u*v -> linear), `signed_difference`,
+`cross:768,768:gelu`, `cos` (a*cos(u, v) + b). Parameter-free scores: `dot`, `cosine` ((cos + 1) * 2.5) and
+`cosine_relu` (ReLU(cos) * 5). Today's names stay as presets: `linear`, `mlp`, `cosine_logit`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SENTIMENT_HEADS = ("linear", "mlp")
-# pair heads on bi-encoded vectors u, v (siamese); "linear" is for a cross-encoded pair vector
-PAIR_FEATURES = {
-    "linear": lambda u, v: u,
-    "features": lambda u, v: torch.cat([u, v, (u - v).abs(), u * v], dim=-1),  # Reimers & Gurevych 2019
-    "concat": lambda u, v: torch.cat([u, v], dim=-1),
-    "difference": lambda u, v: (u - v).abs(),
+from minbert.errors import ConfigError
+
+# name -> (width in sentence-vector widths, f(u, v)); "sentence" is one sentence's vector, "cross" a cross-encoded
+# pair's, the others combine a bi-encoded pair's two vectors (Reimers & Gurevych 2019 for "features")
+FEATURES = {
+    "sentence": (1, lambda u, v: u),
+    "cross": (1, lambda u, v: u),
+    "features": (4, lambda u, v: torch.cat([u, v, (u - v).abs(), u * v], dim=-1)),
+    "concat": (2, lambda u, v: torch.cat([u, v], dim=-1)),
+    "difference": (1, lambda u, v: (u - v).abs()),
+    "signed_difference": (1, lambda u, v: u - v),
+    "product": (1, lambda u, v: u * v),
+    "cos": (None, lambda u, v: F.cosine_similarity(u, v, dim=-1)[:, None]),  # (B, 1) whatever the vectors' width
 }
-PAIR_SCORES = {  # parameter-free scores
+SINGLE = ("sentence",)  # features of one sentence; "cross" is a pair's single vector
+SCORES = {  # parameter-free scores of a bi-encoded pair
     "dot": lambda u, v: (u * v).sum(-1),
     "cosine": lambda u, v: (F.cosine_similarity(u, v, dim=-1) + 1) * 2.5,  # [-1, 1] -> [0, 5]
     "cosine_relu": lambda u, v: F.relu(F.cosine_similarity(u, v, dim=-1)) * 5,
 }
-PAIR_HEADS = (*PAIR_FEATURES, *PAIR_SCORES, "cosine_logit")
-FEATURE_WIDTH = {"linear": 1, "features": 4, "concat": 2, "difference": 1}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+PRESETS = {"mlp": "sentence:256,64:relu", "cosine_logit": "cos"}  # "linear" is sentence or cross
+# the output layer of a bare `cos` head starts as the parameter-free score of its task: a logit 5 cos - 2.5 for
+# paraphrase (as cosine_logit always did), a 0-5 score 2.5 cos + 2.5 for similarity
+COS_INIT = {"paraphrase": (5.0, -2.5), "similarity": (2.5, 2.5)}
 
 
-class SentimentHead(nn.Module):
-    """Linear, or an MLP with ReLU (D -> 256 -> 64 -> classes), on a dropped-out sentence vector."""
+@dataclass(frozen=True)
+class HeadSpec:
+    """A parsed head: `features` with `hidden` widths and `activation`, or a parameter-free `score`."""
 
-    def __init__(self, kind: str, in_dim: int, num_classes: int, dropout: float):
+    features: str | None = None
+    hidden: tuple[int, ...] = ()
+    activation: str = "relu"
+    score: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, pair: bool, cross: bool) -> HeadSpec:
+        """The spec of a head name or `FEATURES[:WIDTHS[:ACTIVATION]]` for a single-sentence or pair task."""
+        if text == "linear":
+            text = "cross" if pair and cross else "sentence"
+        text = PRESETS.get(text, text)
+        if text in SCORES:
+            return cls(score=text)
+        name, _, rest = text.partition(":")
+        widths, _, activation = rest.partition(":")
+        if name not in FEATURES:
+            raise ConfigError(f"head {text!r}: unknown features {name!r}; use one of {', '.join(FEATURES)}, a "
+                              f"score ({', '.join(SCORES)}) or a preset (linear, {', '.join(PRESETS)})")
+        try:
+            hidden = tuple(int(w) for w in widths.split(",")) if widths else ()
+        except ValueError:
+            raise ConfigError(f"head {text!r}: widths must be integers separated by commas, got {widths!r}") from None
+        if any(w < 1 for w in hidden) or (activation or "relu") not in ACTIVATIONS:
+            raise ConfigError(f"head {text!r}: widths must be positive and the activation one of "
+                              f"{', '.join(ACTIVATIONS)}")
+        return cls(name, hidden, activation or "relu")
+
+    def check(self, task: str, pair: bool, cross: bool) -> None:
+        """Refuse a head that cannot read this task's input."""
+        fits = (self.features in SINGLE) if not pair else \
+            (self.features == "cross") if cross else (self.score is not None or self.features not in (*SINGLE, "cross"))
+        if not fits:
+            needs = "one sentence's vector (sentence)" if not pair else "the cross-encoded pair's vector (cross)" \
+                if cross else "the two sentence vectors (features, concat, difference, signed_difference, product, " \
+                "cos, or a score: dot, cosine, cosine_relu)"
+            raise ConfigError(f"--{task}_head {self}: this task's head reads {needs}")
+
+    def __str__(self) -> str:
+        if self.score:
+            return self.score
+        return self.features + (f":{','.join(map(str, self.hidden))}:{self.activation}" if self.hidden else "")
+
+
+class TaskHead(nn.Module):
+    """features(u, v) -> dropout -> [Linear -> activation -> dropout]* -> Linear; or a parameter-free score.
+    Returns (B, outputs), or (B,) for one output."""
+
+    def __init__(self, spec: HeadSpec, in_dim: int, outputs: int, dropout: float, kind: str):
         super().__init__()
-        if kind not in SENTIMENT_HEADS:
-            raise ValueError(f"sentiment head must be one of {SENTIMENT_HEADS}, got {kind!r}")
+        self.spec, self.outputs = spec, outputs
+        if spec.score:
+            return
+        multiple = FEATURES[spec.features][0]
+        width = 1 if multiple is None else multiple * in_dim
         self.dropout = nn.Dropout(dropout)
-        self.net = nn.Linear(in_dim, num_classes) if kind == "linear" else nn.Sequential(
-            nn.Linear(in_dim, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.dropout(x))  # (B, C)
-
-
-class PairHead(nn.Module):
-    """One output per pair: a linear layer on pair features, a fixed score (dot, cosine), or a·cos + b."""
-
-    def __init__(self, kind: str, in_dim: int, dropout: float):
-        super().__init__()
-        if kind not in PAIR_HEADS:
-            raise ValueError(f"pair head must be one of {PAIR_HEADS}, got {kind!r}")
-        self.kind = kind
-        self.dropout = nn.Dropout(dropout)
-        if kind in PAIR_FEATURES:
-            self.out = nn.Linear(FEATURE_WIDTH[kind] * in_dim, 1)
-        elif kind == "cosine_logit":  # cosine-embedding variant for paraphrase: logit = a·cos(u, v) + b
-            self.scale, self.bias = nn.Parameter(torch.tensor(5.0)), nn.Parameter(torch.tensor(-2.5))
+        layers = []
+        for w in spec.hidden:
+            layers += [nn.Linear(width, w), nn.Sequential(ACTIVATIONS[spec.activation](), nn.Dropout(dropout))]
+            width = w
+        self.mlp = nn.Sequential(*layers)
+        self.out = nn.Linear(width, outputs)
+        if spec.features == "cos" and not spec.hidden and kind in COS_INIT:
+            with torch.no_grad():
+                self.out.weight.fill_(COS_INIT[kind][0])
+                self.out.bias.fill_(COS_INIT[kind][1])
 
     def forward(self, u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind in PAIR_FEATURES:
-            return self.out(self.dropout(PAIR_FEATURES[self.kind](u, v))).squeeze(-1)  # (B,)
-        if self.kind == "cosine_logit":
-            return self.scale * F.cosine_similarity(u, v, dim=-1) + self.bias
-        return PAIR_SCORES[self.kind](u, v)
+        if self.spec.score:
+            return SCORES[self.spec.score](u, v)  # (B,)
+        y = self.out(self.mlp(self.dropout(FEATURES[self.spec.features][1](u, v))))  # (B, outputs)
+        return y.squeeze(-1) if self.outputs == 1 else y
+
+
+def legacy_head_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Head weights of a minbert-multitask/1 checkpoint under today's names: SentimentHead `net` (a Linear, or
+    Linear-ReLU-Linear-ReLU-Linear) and cosine_logit's scalar `scale`/`bias` become `mlp.*` and `out`."""
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "heads" and len(parts) == 3 and parts[2] in ("scale", "bias") and value.dim() == 0:
+            key, value = f"heads.{parts[1]}.out.{'weight' if parts[2] == 'scale' else 'bias'}", value.reshape(
+                (1, 1) if parts[2] == "scale" else (1,))
+        elif parts[0] == "heads" and parts[2] == "net":
+            layer = parts[3] if len(parts) == 5 else None  # net.{0,2,4}.weight, or net.weight
+            key = ".".join(["heads", parts[1], "out" if layer in (None, "4") else f"mlp.{layer}", parts[-1]])
+        out[key] = value
+    return out

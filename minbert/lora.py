@@ -14,21 +14,28 @@ from .config import DictConfig
 
 VARIANTS = ("lora", "rslora", "dora")
 MODES = ("lll", "fm")  # last-linear-layer (adapters only) / full-model (all but the adapted base weights)
+SCALINGS = ("alpha_over_r", "alpha")  # s = α/r (Hu et al. 2021 and PEFT) or s = α (a CS224N project's reading)
 ADAPTER_PARAMS = ("lora_A", "lora_B", "magnitude")
 
 
 class LoRALinear(nn.Module):
-    """W₀x + b + s·B A dropout(x) (Hu et al. 2021, eq. 3); `variant` sets s and the DoRA re-normalisation."""
+    """W₀x + b + s·B A dropout(x) (Hu et al. 2021, eq. 3); `variant` and `scaling` set s, the variant the DoRA
+    re-normalisation."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, variant: str = "lora", dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, variant: str = "lora", dropout: float = 0.0,
+                 scaling: str = "alpha_over_r"):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"LoRA variant must be one of {VARIANTS}, got {variant!r}")
+        if variant not in VARIANTS or scaling not in SCALINGS:
+            raise ValueError(f"LoRA variant must be one of {VARIANTS} and scaling one of {SCALINGS}, got "
+                             f"{variant!r} and {scaling!r}")
+        if variant == "rslora" and scaling != "alpha_over_r":
+            raise ValueError("rsLoRA's scale is α/√r by definition; leave the scaling at alpha_over_r")
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
         self.in_features, self.out_features, self.r, self.variant = base.in_features, base.out_features, r, variant
-        # rsLoRA: α/√r keeps the update's scale rank-independent (Kalajdzievski 2023); else α/r
-        self.scaling = alpha / math.sqrt(r) if variant == "rslora" else alpha / r
+        # rsLoRA: α/√r keeps the update's scale rank-independent (Kalajdzievski 2023); else α/r, or plain α
+        self.scaling = alpha / math.sqrt(r) if variant == "rslora" else alpha / r if scaling == "alpha_over_r" \
+            else float(alpha)
         self.weight = base.weight.requires_grad_(False)  # (out, in), the same Parameter: no copy
         self.bias = None if base.bias is None else base.bias.requires_grad_(False)  # (out,)
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
@@ -80,7 +87,7 @@ def matches(name: str, targets) -> bool:
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, targets=("query", "value"), variant: str = "lora",
-               dropout: float = 0.0) -> nn.Module:
+               dropout: float = 0.0, scaling: str = "alpha_over_r") -> nn.Module:
     """Replace, in place, every nn.Linear whose name matches `targets` by a LoRALinear; returns `model`."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -92,7 +99,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, targets=("query"
                          f"{suffixes} (e.g. {examples})")
     for name, linear in chosen:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoRALinear(linear, r, alpha, variant, dropout))
+        setattr(model.get_submodule(parent), child, LoRALinear(linear, r, alpha, variant, dropout, scaling))
     return model
 
 
@@ -144,14 +151,17 @@ class LoRAConfig(DictConfig):
     variant: str = "lora"
     dropout: float = 0.0
     mode: str = "lll"
+    scaling: str = "alpha_over_r"
 
     def __post_init__(self):
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        if self.variant not in VARIANTS or self.mode not in MODES:
-            raise ValueError(f"LoRAConfig: variant must be one of {VARIANTS} and mode one of {MODES}, "
-                             f"got {self.variant!r} and {self.mode!r}")
+        if self.variant not in VARIANTS or self.mode not in MODES or self.scaling not in SCALINGS:
+            raise ValueError(f"LoRAConfig: variant must be one of {VARIANTS}, mode one of {MODES} and scaling one "
+                             f"of {SCALINGS}, got {self.variant!r}, {self.mode!r} and {self.scaling!r}")
+        if self.variant == "rslora" and self.scaling != "alpha_over_r":
+            raise ValueError("LoRAConfig: rsLoRA's scale is α/√r by definition; leave --lora_scaling at alpha_over_r")
 
     def apply(self, model: nn.Module) -> nn.Module:
         """apply_lora with these settings, then mark_trainable(model, mode)."""
-        apply_lora(model, self.r, self.alpha, self.targets, self.variant, self.dropout)
+        apply_lora(model, self.r, self.alpha, self.targets, self.variant, self.dropout, self.scaling)
         return mark_trainable(model, self.mode)

@@ -37,8 +37,10 @@ class PALsConfig(DictConfig):
     share_attention: bool = False
     after_norm: bool = False  # add TS(h) after the layer's last LayerNorm (the alternative placement)
     num_heads: int = 12
+    tasks: tuple[str, ...] | None = None  # the tasks that get PALs (None: all); the others use the plain encoder
 
     def __post_init__(self):
+        self.tasks = None if self.tasks is None else tuple(self.tasks)
         if self.kind not in KINDS:
             raise ValueError(f"PALsConfig: kind must be one of {KINDS}, got {self.kind!r}")
         if self.share_attention and self.kind == "lowrank":

@@ -1,4 +1,5 @@
-"""Per-step task choice for multi-task training: random, round robin, proportional, annealed, sequential."""
+"""Per-step task choice for multi-task training: random, round robin, proportional, annealed, sequential, and one
+random task for a whole epoch."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-MODES = ("random", "round_robin", "proportional", "annealed", "sequential")
+MODES = ("random", "round_robin", "proportional", "annealed", "sequential", "random_epoch")
 
 
 def batches_per_task(sizes: Mapping[str, int], batch_size: int) -> dict[str, int]:
@@ -71,6 +72,8 @@ class TaskSampler:
             rounds = max(self.batches.values())
             return [t for r in range(rounds) for t in self.tasks if r < self.batches[t]]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if self.mode == "random_epoch":  # the whole epoch on one task drawn uniformly
+            return [self.tasks[int(torch.randint(len(self.tasks), (1,), generator=generator))]] * self.steps_per_epoch
         probs = torch.tensor(list(self.probabilities(epoch).values()), dtype=torch.float64)  # (num_tasks,)
         draws = torch.multinomial(probs, self.steps_per_epoch, replacement=True, generator=generator)
         return [self.tasks[i] for i in draws.tolist()]

@@ -1,11 +1,13 @@
 """Pooling, task heads and losses against hand-written formulas; the bi-encoder; checkpoints and prediction API."""
+import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import minbert
-from heads import HeadConfig, MultitaskBert, Pooling, PairHead, SentimentHead
+from heads import HeadConfig, HeadSpec, MultitaskBert, Pooling, TaskHead
 
 
 def tiny_multitask(tiny_model_dir, **head_kw) -> MultitaskBert:
@@ -27,28 +29,72 @@ def test_poolings_by_hand():
     torch.testing.assert_close(concat(out, mask), torch.cat([torch.tanh(concat.dense(mean)), h[:, 0]], -1))
 
 
+def head(text: str, pair: bool = True, in_dim: int = 8, outputs: int = 1, kind: str = "paraphrase") -> TaskHead:
+    return TaskHead(HeadSpec.parse(text, pair, cross=False), in_dim, outputs, 0.0, kind).eval()
+
+
 def test_pair_heads_by_hand():
     u, v = torch.randn(5, 8), torch.randn(5, 8)
     cos = (u * v).sum(-1) / (u.norm(dim=-1) * v.norm(dim=-1))
-    torch.testing.assert_close(PairHead("cosine", 8, 0.0)(u, v), (cos + 1) * 2.5)
-    torch.testing.assert_close(PairHead("cosine_relu", 8, 0.0)(u, v), cos.clamp(min=0) * 5)
-    torch.testing.assert_close(PairHead("dot", 8, 0.0)(u, v), (u * v).sum(-1))
-    head = PairHead("features", 8, 0.0)
-    torch.testing.assert_close(head(u, v), head.out(torch.cat([u, v, (u - v).abs(), u * v], -1)).squeeze(-1))
-    head = PairHead("cosine_logit", 8, 0.0)
-    torch.testing.assert_close(head(u, v), 5.0 * cos - 2.5)
-    for kind, width in (("concat", 16), ("difference", 8), ("linear", 8)):
-        assert PairHead(kind, 8, 0.0).out.in_features == width
-    with pytest.raises(ValueError, match="pair head must be one of"):
-        PairHead("bogus", 8, 0.0)
+    torch.testing.assert_close(head("cosine")(u, v), (cos + 1) * 2.5)
+    torch.testing.assert_close(head("cosine_relu")(u, v), cos.clamp(min=0) * 5)
+    torch.testing.assert_close(head("dot")(u, v), (u * v).sum(-1))
+    for text, features in (("features", torch.cat([u, v, (u - v).abs(), u * v], -1)), ("concat", torch.cat([u, v], -1)),
+                           ("difference", (u - v).abs()), ("signed_difference", u - v), ("product", u * v)):
+        h = head(text)
+        assert h.out.in_features == features.shape[-1] and len(h.mlp) == 0
+        torch.testing.assert_close(h(u, v), features @ h.out.weight[0] + h.out.bias[0])
+    # a bare cos head starts as the task's parameter-free score: a logit for paraphrase, a 0-5 score for similarity
+    torch.testing.assert_close(head("cosine_logit")(u, v), 5.0 * cos - 2.5)
+    torch.testing.assert_close(head("cos", kind="similarity")(u, v), 2.5 * cos + 2.5)
 
 
-def test_sentiment_heads_shapes():
-    x = torch.randn(3, 8)
-    assert SentimentHead("linear", 8, 5, 0.1)(x).shape == (3, 5)
-    mlp = SentimentHead("mlp", 8, 2, 0.1)
-    assert mlp(x).shape == (3, 2)
-    assert [m.out_features for m in mlp.net if isinstance(m, torch.nn.Linear)] == [256, 64, 2]
+def test_mlp_heads_by_hand():
+    u, v = torch.randn(4, 8), torch.randn(4, 8)
+    h = head("features:6,3:gelu")
+    (l1, a1), (l2, a2) = h.mlp[0:2], h.mlp[2:4]
+    assert [l1.in_features, l1.out_features, l2.out_features, h.out.in_features] == [32, 6, 3, 3]
+    x = torch.cat([u, v, (u - v).abs(), u * v], -1)
+    gelu = lambda t: 0.5 * t * (1 + torch.erf(t / 2 ** 0.5))  # noqa: E731
+    torch.testing.assert_close(h(u, v), (gelu(gelu(x @ l1.weight.T + l1.bias) @ l2.weight.T + l2.bias)
+                                         @ h.out.weight.T + h.out.bias).squeeze(-1))
+    sst = head("mlp", pair=False, outputs=5, kind="sentiment")  # the CS224N projects' 768 -> 256 -> 64 -> 5
+    assert [m.out_features for m in sst.modules() if isinstance(m, torch.nn.Linear)] == [256, 64, 5]
+    assert isinstance(sst.mlp[1][0], torch.nn.ReLU) and sst(u).shape == (4, 5)
+    relu = head("product:4", in_dim=8)
+    torch.testing.assert_close(relu(u, v), (torch.relu((u * v) @ relu.mlp[0].weight.T + relu.mlp[0].bias)
+                                            @ relu.out.weight.T + relu.out.bias).squeeze(-1))
+    train = TaskHead(HeadSpec.parse("sentence:16", False, False), 8, 5, 0.5, "sentiment").train()
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in train.modules()) == 2  # input and hidden
+    assert str(HeadSpec.parse("mlp", False, False)) == "sentence:256,64:relu"
+
+
+@pytest.mark.parametrize("text, match", [("bogus", "unknown features 'bogus'"), ("features:12,x", "widths must be "),
+                                         ("features:0", "positive"), ("features:8:tanh", "activation one of")])
+def test_bad_head_specs_are_refused(text, match):
+    with pytest.raises(minbert.ConfigError, match=match):
+        HeadSpec.parse(text, True, False)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(para_head="cosine_relu"), "gives a score, not a logit"),  # was read as a logit: almost all "paraphrase"
+    (dict(para_head="dot"), "gives a score, not a logit"),
+    (dict(para_head="features", para_loss="cosine_embedding"), "reads the output of --para_head cosine"),
+    (dict(sentiment_head="features"), "reads one sentence's vector"),
+    (dict(sts_head="sentence:8"), "reads the two sentence vectors"),
+    (dict(para_head="linear"), "needs|add --pair_encoding cross"),
+    (dict(pair_encoding="cross", sts_head="cosine"), "cross-encoded pair's vector"),
+    (dict(multi_stream=8, shared_layer=8), "choose one of"),
+    (dict(stream_activation="tanh"), "none or relu"),
+    (dict(sts_loss="huber"), "huber"),
+])
+def test_head_and_loss_combinations_that_make_no_sense_are_refused(kw, match):
+    with pytest.raises(minbert.ConfigError, match=match):
+        HeadConfig(**kw)
+
+
+def pair_batch(tok, firsts: list[str], seconds: list[str]) -> dict:
+    return {f"{k}_{s}": v for s, texts in ((1, firsts), (2, seconds)) for k, v in tok(texts).items()}
 
 
 def test_losses_match_their_formulas(tiny_model_dir):
@@ -58,8 +104,7 @@ def test_losses_match_their_formulas(tiny_model_dir):
     logits = model("sst", one)
     expected = -(logits.log_softmax(-1)[[0, 1], [4, 0]]).mean()
     torch.testing.assert_close(model.loss("sst", one), expected)
-    pair = {f"{k}_{s}": v for s, texts in ((1, ["a man", "what is it"]), (2, ["a dog plays", "why"]))
-            for k, v in tok(texts).items()}
+    pair = pair_batch(tok, ["a man", "what is it"], ["a dog plays", "why"])
     z = model("para", pair)
     y = torch.tensor([1.0, 0.0])
     torch.testing.assert_close(model.loss("para", {**pair, "labels": y.long()}),
@@ -69,16 +114,80 @@ def test_losses_match_their_formulas(tiny_model_dir):
                                ((s - torch.tensor([3.0, 1.5])) ** 2).mean())
 
 
-def test_bi_encoder_joint_call_equals_separate_calls(tiny_model_dir):
-    model = tiny_multitask(tiny_model_dir, multi_stream=8, sts_head="cosine")
+def test_cosine_embedding_and_rescaled_similarity_losses(tiny_model_dir):
+    model = tiny_multitask(tiny_model_dir, para_head="cosine", para_loss="cosine_embedding", sts_head="cosine",
+                           sts_loss="mse_rescaled")
+    tok = model.tokenizer
+    firsts, seconds = ["a man plays", "what is it", "the dog"], ["a dog plays", "why", "the dog"]
+    pair = pair_batch(tok, firsts, seconds)
+    vec = lambda texts: model.pooling(model.bert(**tok(texts)), tok(texts)["attention_mask"])  # noqa: E731
+    u, v = vec(firsts), vec(seconds)
+    labels = torch.tensor([1, 0, 1])
+    reference = torch.nn.CosineEmbeddingLoss()(u, v, 2 * labels - 1)  # PyTorch's loss, targets 1 / -1
+    torch.testing.assert_close(model.loss("para", {**pair, "labels": labels}), reference, atol=1e-6, rtol=1e-5)
+    cos = F.cosine_similarity(u, v)
+    gold = torch.tensor([4.0, 0.5, 5.0])
+    torch.testing.assert_close(model.loss("sts", {**pair, "labels": gold}), ((cos - (gold / 2.5 - 1)) ** 2).mean(),
+                               atol=1e-6, rtol=1e-5)
+    assert model.predict_paraphrase([("the dog", "the dog")], amp="off") == [1]  # cos 1 > 0.5
+
+
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_bi_encoder_joint_call_equals_separate_calls(tiny_model_dir, activation):
+    model = tiny_multitask(tiny_model_dir, multi_stream=8, sts_head="cosine", stream_activation=activation)
     tok = model.tokenizer
     a, b = tok(["the man plays the guitar very well", "a"]), tok(["dog", "it is not the same question"])
     joint = model("sts", {**{f"{k}_1": v for k, v in a.items()}, **{f"{k}_2": v for k, v in b.items()}})
+    act = F.relu if activation == "relu" else (lambda x: x)
     def vectors(x):
         v = model.pooling(model.bert(x["input_ids"], x["attention_mask"], x["token_type_ids"]), x["attention_mask"])
-        return torch.cat([F.relu(model.shared_stream(v)), F.relu(model.streams["sts"](v))], dim=-1)
+        return torch.cat([act(model.shared_stream(v)), act(model.streams["sts"](v))], dim=-1)
     u, v = vectors(a), vectors(b)
     torch.testing.assert_close(joint, (F.cosine_similarity(u, v) + 1) * 2.5, atol=1e-5, rtol=0)
+
+
+def test_shared_layer_only_model(tiny_model_dir):
+    model = tiny_multitask(tiny_model_dir, shared_layer=6, sentiment_head="linear")
+    assert not hasattr(model, "streams") and model.heads["sst"].out.in_features == 6
+    assert model.heads["para"].out.in_features == 24  # features of two 6-wide vectors
+    tok = model.tokenizer
+    x = tok(["the movie was good", "bad"])
+    pooled = model.pooling(model.bert(**x), x["attention_mask"])
+    torch.testing.assert_close(model("sst", x), model.heads["sst"].out(model.shared_stream(pooled)))  # linear
+    shared = {id(p) for p in model.shared_parameters()}
+    assert all(id(p) in shared for p in model.shared_stream.parameters())
+
+
+def test_checkpoints_of_the_first_format_load_and_score_unchanged():
+    """Checkpoints written before head specs (tests/fixtures/legacy-multitask-1, written by commit 7399835 with the
+    outputs it computed): old head names, scalar cosine_logit parameters and ReLU streams."""
+    for folder in sorted((Path(__file__).parent / "fixtures" / "legacy-multitask-1").iterdir()):
+        expected = json.loads((folder / "expected.json").read_text())
+        model = MultitaskBert.from_checkpoint(folder).eval()
+        tok = model.tokenizer
+        pairs = pair_batch(tok, [a for a, _ in expected["pairs"]], [b for _, b in expected["pairs"]])
+        with torch.no_grad():
+            torch.testing.assert_close(model("sst", tok(expected["texts"])), torch.tensor(expected["sst"]))
+            for task in ("para", "sts"):
+                torch.testing.assert_close(model(task, pairs), torch.tensor(expected[task]))
+    assert model.config.stream_activation in ("none", "relu")
+    streams = MultitaskBert.from_checkpoint(folder.parent / "mlp-cosine-logit-streams")
+    assert streams.config.stream_activation == "relu" and str(streams.config.head_spec("para")) == "cos"
+
+
+def test_cfimdb_merged_into_sst_is_scored_by_the_sst_head(tiny_model_dir):
+    from data import TASKS, TaskDataset
+    model = tiny_multitask(tiny_model_dir, cfimdb_labels=[0, 4])
+    assert model.scoring_head("cfimdb") == "sst" and "cfimdb" not in model.heads
+    texts = ["the movie was very good", "awful film", "i do not know"]
+    dataset = TaskDataset(TASKS["cfimdb"], Path("<texts>"), ["a", "b", "c"], texts, None)
+    scores = model.predict_scores(model.encode(dataset, 64), amp="off", progress=False)
+    probs = model("sst", model.tokenizer(texts)).softmax(-1)
+    positive = (probs @ torch.arange(5.0)) / 4  # expected SST class, mapped from [0, 4] to [0, 1]
+    torch.testing.assert_close(torch.stack(list(scores.values())), torch.stack([1 - positive, positive], -1))
+    assert model.predict_sentiment(texts, task="cfimdb", amp="off") == (positive > 0.5).long().tolist()
+    with pytest.raises(minbert.ConfigError, match="has no 'cfimdb' head"):
+        tiny_multitask(tiny_model_dir).scoring_head("cfimdb")
 
 
 def test_cross_encoder_and_multi_stream(tiny_model_dir):
@@ -87,9 +196,7 @@ def test_cross_encoder_and_multi_stream(tiny_model_dir):
     batch = model.tokenizer(["a man", "what"], ["a dog", "why is it"])
     assert model("para", batch).shape == (2,) and model("sts", batch).shape == (2,)
     assert model.heads["para"].out.in_features == 16  # shared stream (8) + task stream (8)
-    with pytest.raises(ValueError, match="needs --pair_encoding cross"):
-        HeadConfig(para_head="linear")
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(minbert.ConfigError, match="unknown task"):
         HeadConfig(tasks=["sst", "imdb"])
 
 
@@ -119,7 +226,7 @@ def test_from_checkpoint_refuses_pickles_and_foreign_directories(tmp_path, tiny_
         MultitaskBert.from_checkpoint(tmp_path / "model.pt")
     with pytest.raises(minbert.CheckpointError, match="pickled checkpoints"):
         MultitaskBert.from_checkpoint(tmp_path)
-    with pytest.raises(minbert.CheckpointError, match="not a minbert-multitask/1 checkpoint config"):
+    with pytest.raises(minbert.CheckpointError, match="not a minbert-multitask/2 checkpoint config"):
         MultitaskBert.from_checkpoint(tiny_model_dir)
 
 

@@ -30,13 +30,15 @@ def base_models(seed: int = 0) -> tuple[transformers.BertModel, minbert.BertMode
     return hf, ours
 
 
-def adapted_pair(variant: str, targets: tuple, seed: int = 0) -> tuple[peft.PeftModel, minbert.BertModel]:
-    """PEFT and minbert adapters on the same base, with the same perturbed (non-zero) A, B and magnitude."""
+def adapted_pair(variant: str, targets: tuple, seed: int = 0, scaling: str = "alpha_over_r"
+                 ) -> tuple[peft.PeftModel, minbert.BertModel]:
+    """PEFT and minbert adapters on the same base, with the same perturbed (non-zero) A, B and magnitude. Scaling
+    'alpha' (s = α) is PEFT's s = lora_alpha / r with lora_alpha = α·r."""
     hf, ours = base_models(seed)
-    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(targets), lora_dropout=0.0,
-                             use_rslora=variant == "rslora", use_dora=variant == "dora")
+    config = peft.LoraConfig(r=R, lora_alpha=ALPHA * (R if scaling == "alpha" else 1), target_modules=list(targets),
+                             lora_dropout=0.0, use_rslora=variant == "rslora", use_dora=variant == "dora")
     theirs = peft.get_peft_model(hf, config).eval()
-    apply_lora(ours, r=R, alpha=ALPHA, targets=targets, variant=variant)
+    apply_lora(ours, r=R, alpha=ALPHA, targets=targets, variant=variant, scaling=scaling)
     mark_trainable(ours, "lll")
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -81,6 +83,17 @@ def test_outputs_match_peft(variant, targets):
     print(f"max |minbert - PEFT| {variant} {'+'.join(targets)}: {d:.2e}")  # shown with pytest -s
     assert d < 1e-5, d
     assert count_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_plain_alpha_scaling_matches_peft_with_alpha_times_r(variant):
+    theirs, ours = adapted_pair(variant, QV, scaling="alpha")
+    assert all(m.scaling == ALPHA for _, m in adapted_modules(ours))
+    batch = random_batch(TINY["vocab_size"])
+    with torch.no_grad():
+        assert max_diff(ours(**batch), as_dict(theirs(**batch)), batch["attention_mask"]) < 1e-5
+    with pytest.raises(ValueError, match="rsLoRA's scale is"):
+        apply_lora(base_models()[1], r=R, alpha=ALPHA, variant="rslora", scaling="alpha")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

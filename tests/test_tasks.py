@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from data import TASKS, get_task, overall
+from minbert.errors import ConfigError
 
 
 def test_metrics_on_hand_derived_cases():
@@ -34,18 +35,29 @@ def test_metrics_match_sklearn_on_random_predictions():
     assert TASKS["para"].metrics(*binary)["para_f1"] == pytest.approx(sklearn.f1_score(binary[1], binary[0]))
 
 
-def test_losses_scores_and_labels_by_kind():
+def test_objectives_losses_scores_and_labels():
     logits, classes = torch.tensor([[2.0, 0.0, -1.0, 0.5, 0.0]]), torch.tensor([3])
     manual = -(logits[0, 3] - logits[0].exp().sum().log())
-    assert TASKS["sst"].loss(logits, classes) == pytest.approx(manual.item())
-    assert TASKS["sst"].scores(logits).sum() == pytest.approx(1.0) and TASKS["sst"].labels(logits.softmax(-1)) == [0]
+    ce = TASKS["sst"].objective()
+    assert ce.name == "cross_entropy" and ce.loss(logits, classes) == pytest.approx(manual.item())
+    assert ce.scores(logits).sum() == pytest.approx(1.0) and TASKS["sst"].labels(logits.softmax(-1)) == [0]
     z, y = torch.tensor([0.3, -2.0]), torch.tensor([1, 0])
     bce = -(math.log(1 / (1 + math.exp(-0.3))) + math.log(1 - 1 / (1 + math.exp(2.0)))) / 2
-    assert TASKS["para"].loss(z, y) == pytest.approx(bce)
-    assert TASKS["para"].labels(TASKS["para"].scores(z)) == [1, 0]
+    assert TASKS["para"].objective().loss(z, y) == pytest.approx(bce)
+    assert TASKS["para"].labels(TASKS["para"].objective().scores(z)) == [1, 0]
     s = torch.tensor([5.7, -0.2, 2.5])
-    assert TASKS["sts"].loss(s, torch.tensor([5.0, 0.0, 2.0])) == pytest.approx((0.49 + 0.04 + 0.25) / 3)
-    assert TASKS["sts"].labels(TASKS["sts"].scores(s)) == pytest.approx([5.0, 0.0, 2.5])
+    assert TASKS["sts"].objective().loss(s, torch.tensor([5.0, 0.0, 2.0])) == pytest.approx((0.49 + 0.04 + 0.25) / 3)
+    assert TASKS["sts"].labels(TASKS["sts"].objective().scores(s)) == pytest.approx([5.0, 0.0, 2.5])
+    # on the cosine head's output (cos + 1) * 2.5: cos = 0.8, -0.2, 0.3
+    cosine_head = torch.tensor([4.5, 2.0, 3.25])
+    embedding = TASKS["para"].objective("cosine_embedding")
+    assert embedding.loss(cosine_head, torch.tensor([1, 0, 0])) == pytest.approx((1 - 0.8 + 0 + 0.3) / 3)
+    assert TASKS["para"].labels(embedding.scores(cosine_head)) == [1, 0, 0]  # cos > 0.5
+    rescaled = TASKS["sts"].objective("mse_rescaled")  # both sides from [0, 5] to [-1, 1]
+    assert rescaled.loss(cosine_head, torch.tensor([5.0, 2.5, 0.0])) == pytest.approx(
+        ((0.8 - 1) ** 2 + (-0.2 - 0) ** 2 + (0.3 + 1) ** 2) / 3)
+    with pytest.raises(ConfigError, match="--sts_loss bce: use one of mse, mse_rescaled"):
+        TASKS["sts"].objective("bce")
 
 
 def test_registry_declares_files_headers_and_divergences():

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data import TASKS, TaskDataset, load_split, split_path
-from heads import PAIR_HEADS, POOLINGS, SENTIMENT_HEADS, HeadConfig
+from data.tasks import OBJECTIVES
+from heads import POOLINGS, HeadConfig
 from minbert.errors import ConfigError
 from minbert.lora import MODES as LORA_MODES
+from minbert.lora import SCALINGS as LORA_SCALINGS
 from minbert.lora import VARIANTS as LORA_VARIANTS
 from minbert.lora import LoRAConfig
 from minbert.pals import KINDS as PALS_KINDS
@@ -21,6 +23,8 @@ from optim.sampling import MODES as SAMPLING_MODES
 from optim.schedules import KINDS as LR_SCHEDULES
 
 SCHEDULERS = ("all", *SAMPLING_MODES)  # "all": one batch of every task per step, losses summed
+HEAD_HELP = ("a preset ({}) or a spec FEATURES[:W1,W2,...[:relu|gelu]] (features: {}), e.g. {}; see "
+             "heads/task_heads.py")
 FILE_FLAGS = tuple(f"{task}_{split}" for task in TASKS for split in ("train", "dev", "test"))
 
 
@@ -54,8 +58,11 @@ class ModelOptions:
     hidden_dropout_prob: float = 0.1
     max_length: int = flag(128, "longest input in tokens (capped at the model's position embeddings)")
     finetune_last: int = flag(0, "train only the last N encoder layers (0 = all)")
+    bilstm_dropout: float = flag(0.3, "dropout of the --model bilstm baseline (embeddings and between LSTM layers)")
 
     def __post_init__(self):
+        if not 0 <= self.bilstm_dropout < 1:
+            raise ConfigError(f"--bilstm_dropout must be in [0, 1), got {self.bilstm_dropout}")
         if not 0 <= self.hidden_dropout_prob < 1:
             raise ConfigError(f"--hidden_dropout_prob must be in [0, 1), got {self.hidden_dropout_prob}")
         at_least("max_length", self.max_length, 3)
@@ -68,19 +75,37 @@ class ModelOptions:
 
 @dataclass
 class HeadOptions:
-    """How sentences become vectors and which head each task uses (heads.HeadConfig)."""
+    """How sentences become vectors, and which head and loss each task uses (heads.HeadConfig)."""
 
     pooling: str = flag("mean", choices=POOLINGS)
     pair_encoding: str = flag("bi", "bi: each sentence encoded alone (siamese); cross: [CLS] a [SEP] b [SEP]",
-                                ("bi", "cross"))
-    sentiment_head: str = flag("linear", choices=SENTIMENT_HEADS)
-    para_head: str = flag("features", choices=PAIR_HEADS)
-    sts_head: str = flag("cosine_relu", choices=PAIR_HEADS)
-    multi_stream: int = flag(0, "width of shared + task-specific streams (0 = off)")
+                              ("bi", "cross"))
+    sentiment_head: str = flag("linear", "head of sst and cfimdb: " + HEAD_HELP.format(
+        "linear, mlp", "sentence", "sentence:256,64:relu"))
+    para_head: str = flag("features", "head of para: " + HEAD_HELP.format(
+        "features, concat, difference, cosine_logit; cosine with --para_loss cosine_embedding; linear with --pair_"
+        "encoding cross", "features, concat, difference, signed_difference, product, cos; cross", "features:512,64"))
+    sts_head: str = flag("cosine_relu", "head of sts: " + HEAD_HELP.format(
+        "cosine_relu, cosine, dot, features, concat, difference; linear with --pair_encoding cross",
+        "as --para_head", "product"))
+    multi_stream: int = flag(0, "width of a shared and a task-specific stream per task, concatenated (0 = off)")
+    shared_layer: int = flag(0, "width of one shared projection before the heads, no task streams (0 = off)")
+    stream_activation: str = flag("none", "activation on the streams / shared layer (none: linear, as in the "
+                                  "project's equations)", ("none", "relu"))
+    para_loss: str = flag("bce", "bce on a logit, or cosine_embedding on cos(u, v) (needs --para_head cosine)",
+                          tuple(o.name for o in OBJECTIVES.values() if o.kind == "paraphrase"))
+    sts_loss: str = flag("mse", "mse on the 0-5 scores, or mse_rescaled: in the cosine's range [-1, 1] (= mse / "
+                         "6.25, so STS weighs less in the summed loss)",
+                         tuple(o.name for o in OBJECTIVES.values() if o.kind == "similarity"))
 
-    def head_config(self, tasks: list[str], dropout: float) -> HeadConfig:
+    def __post_init__(self):
+        for name in ("multi_stream", "shared_layer"):
+            at_least(name, getattr(self, name), 0)
+
+    def head_config(self, tasks: list[str], dropout: float, cfimdb_labels: list[int] | None = None) -> HeadConfig:
         return HeadConfig(tasks, self.pooling, self.pair_encoding, self.sentiment_head, self.para_head, self.sts_head,
-                          self.multi_stream, dropout)
+                          self.multi_stream, self.shared_layer, self.stream_activation, self.para_loss, self.sts_loss,
+                          cfimdb_labels, dropout)
 
 
 @dataclass
@@ -94,11 +119,14 @@ class AdapterOptions:
     lora_mode: str = flag("lll", "lll: only adapters and heads train; fm: all but the adapted base weights",
                             LORA_MODES)
     lora_dropout: float = 0.0
+    lora_scaling: str = flag("alpha_over_r", "update scale s: alpha_over_r = α/r (PEFT, the paper), alpha = α (as one "
+                             "CS224N project writes it); rslora always uses α/√r", LORA_SCALINGS)
     pals: str | None = flag(None, "task-specific layers parallel to BERT's (Stickland & Murray 2019)", PALS_KINDS)
     pals_dim: int | None = flag(None, "d_s (default 204 for pal, 100 for lowrank)")
     pals_share_ve_vd: bool = flag(False, "one V_E/V_D per task for all layers")
     pals_share_attention: bool = flag(False, "one PAL attention per task for all layers")
     pals_aa: bool = flag(False, "alternative placement: add TS(h) after the layer's LayerNorm")
+    pals_tasks: str | None = flag(None, "comma-separated tasks that get PALs, e.g. sst (default: every task)")
 
     def __post_init__(self):
         at_least("lora", self.lora, 0)
@@ -107,14 +135,15 @@ class AdapterOptions:
     def lora_config(self) -> LoRAConfig | None:
         try:
             return LoRAConfig(self.lora, self.lora_alpha, self.lora_targets.split(","), self.lora_variant,
-                              self.lora_dropout, self.lora_mode) if self.lora else None
+                              self.lora_dropout, self.lora_mode, self.lora_scaling) if self.lora else None
         except ValueError as err:
             raise ConfigError(str(err).replace("LoRAConfig: ", "--lora: ")) from None
 
     def pals_config(self) -> PALsConfig | None:
         try:
+            tasks = self.pals_tasks.split(",") if self.pals_tasks else None
             return PALsConfig(self.pals, self.pals_dim, self.pals_share_ve_vd, self.pals_share_attention,
-                              self.pals_aa) if self.pals else None
+                              self.pals_aa, tasks=tasks) if self.pals else None
         except ValueError as err:
             raise ConfigError(str(err).replace("PALsConfig: ", "--pals: ")) from None
 
@@ -126,6 +155,9 @@ class DataOptions:
     data_dir: str = flag("data", "folder holding the CS224N csv files")
     bucket: bool = flag(True, "length-bucketed ('sortish') training batches")
     strict: bool = flag(False, "broken data rows are fatal instead of skipped")
+    merge_cfimdb: bool = flag(False, "mix CFIMDB's train reviews into the SST stream, labels mapped by "
+                              "--cfimdb_label_map; CFIMDB dev is still scored on its own")
+    cfimdb_label_map: str = flag("0:0,1:4", "the SST classes CFIMDB's labels 0 and 1 become")
     # the CS224N starter code's single-file flags (--sst_train ...) override files of --data_dir
     sst_train: str | None = None
     sst_dev: str | None = None
@@ -139,6 +171,20 @@ class DataOptions:
     sts_train: str | None = None
     sts_dev: str | None = None
     sts_test: str | None = None
+
+    def cfimdb_labels(self) -> list[int] | None:
+        """[class of 0, class of 1] when --merge_cfimdb, else None."""
+        if not self.merge_cfimdb:
+            return None
+        try:
+            mapping = dict(item.split(":") for item in self.cfimdb_label_map.split(","))
+            labels = [int(mapping["0"]), int(mapping["1"])]
+        except (KeyError, ValueError):
+            labels = []
+        if len(labels) != 2 or not all(0 <= c < TASKS["sst"].num_classes for c in labels):
+            raise ConfigError(f"--cfimdb_label_map must map 0 and 1 to SST classes 0-4, e.g. 0:0,1:4; got "
+                              f"{self.cfimdb_label_map!r}")
+        return labels
 
     def file(self, task: str, split: str) -> Path:
         """The file of a task's split: its --{task}_{split} override, else the standard name in --data_dir."""
@@ -160,11 +206,16 @@ class LoopOptions:
     grad_accum: int = flag(1, "micro-batches accumulated per task and step")
     scheduler: str = flag("all", "task scheduling per step", SCHEDULERS)
     task_order: str | None = flag(None, "order for round_robin / sequential, e.g. sts,para,sst")
+    anneal_c: float = flag(0.8, "annealed sampling: α = 1 - c (e - 1) / (E - 1) (Stickland & Murray 2019)")
+    eval_every: int = flag(0, "also evaluate on dev (and save) every N steps (0 = at the end of each epoch only)")
+    best_metric: str = flag("overall", "the dev metric that picks best/ (e.g. sst_acc, sts_spearman; *_mse: lower "
+                            "is better)")
     eval_batch_size: int = 256
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
             at_least(name, getattr(self, name), 1)
+        at_least("eval_every", self.eval_every, 0)
         if self.steps_per_epoch is not None:
             at_least("steps_per_epoch", self.steps_per_epoch, 1)
 
@@ -229,6 +280,8 @@ class RunOptions:
     amp: str = flag("auto", "mixed precision: auto = bf16 on GPUs that have it, else fp16 on CUDA, float32 on "
                       "the CPU; a bare --amp means bf16, --no-amp off", AMP_CHOICES)
     compile: bool = flag(False, "torch.compile the encoder (dynamic shapes; checkpoints keep their keys)")
+    plots: bool = flag(False, "at the end, draw the training curves (steps.jsonl, metrics.jsonl) as PNG files in "
+                       "OUTPUT_DIR/plots (needs matplotlib: the plots extra)")
 
     def __post_init__(self):
         if self.use_gpu:
@@ -292,12 +345,22 @@ class TrainConfig:
             if sorted(order) != sorted(tasks):
                 raise ConfigError(f"--task_order {self.loop.task_order} must list each of --tasks {','.join(tasks)} "
                                   "once")
+        if self.data.merge_cfimdb and ("sst" not in tasks or "cfimdb" in tasks):
+            raise ConfigError("--merge_cfimdb mixes CFIMDB into SST: --tasks needs sst and not cfimdb")
+        metrics = ["overall"] + [m for t in self.scored_tasks for m in TASKS[t].metric_names]
+        if self.loop.best_metric not in metrics:
+            raise ConfigError(f"--best_metric {self.loop.best_metric}: choose one of {', '.join(metrics)}")
         unknown = [t for t in self.mlm.mlm_data.split(",") if t not in TASKS]
         if unknown:
             raise ConfigError(f"--mlm_data: unknown task(s) {','.join(unknown)}; choose from {','.join(TASKS)}")
 
     def head_config(self) -> HeadConfig:
-        return self.heads.head_config(self.model.task_list, self.model.hidden_dropout_prob)
+        return self.heads.head_config(self.model.task_list, self.model.hidden_dropout_prob, self.data.cfimdb_labels())
+
+    @property
+    def scored_tasks(self) -> list[str]:
+        """The tasks scored on dev: the trained ones, and CFIMDB when it is merged into SST."""
+        return self.tasks + (["cfimdb"] if self.data.merge_cfimdb else [])
 
     @property
     def tasks(self) -> list[str]:

@@ -15,12 +15,16 @@ def labels_by_id(task: str, scores: dict[str, torch.Tensor]) -> dict:
     return dict(zip(scores, TASKS[task].labels(torch.stack(list(scores.values())))))
 
 
-def dev_metrics(dev: dict[str, EncodedTask], predictions: dict[str, dict]) -> dict[str, float]:
-    """Every task's metrics (main one first) and `overall`, from predicted labels by id."""
+def dev_metrics(dev: dict[str, EncodedTask], predictions: dict[str, dict], trained: list[str]) -> dict[str, float]:
+    """Every task's metrics (main one first) and `overall` over the `trained` tasks, from predicted labels by id."""
     metrics = {}
     for task, encoded in dev.items():
         metrics.update(TASKS[task].metrics([predictions[task][i] for i in encoded.ids], encoded.labels))
-    return {**metrics, "overall": overall(metrics, list(dev))}
+    return {**metrics, "overall": overall(metrics, trained)}
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith("_mse")
 
 
 def dev_scores(record: dict, tasks: list[str]) -> dict[str, float]:
@@ -30,10 +34,10 @@ def dev_scores(record: dict, tasks: list[str]) -> dict[str, float]:
 
 def evaluate(model: MultitaskBert, dev: dict[str, EncodedTask], batch_size: int, precision: str = "fp32",
              progress: bool = True) -> tuple[dict[str, float], dict[str, dict]]:
-    """Dev metrics and the predicted labels by task."""
+    """Dev metrics (`overall` over the model's tasks) and the predicted labels by task."""
     predictions = {task: labels_by_id(task, model.predict_scores(encoded, batch_size, precision, progress))
                    for task, encoded in dev.items()}
-    return dev_metrics(dev, predictions), predictions
+    return dev_metrics(dev, predictions, model.config.tasks), predictions
 
 
 def average(members: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@
       checkpoint.json            the pointer: which set is `last` and which is `best`; replacing it commits a set
       last, best                 links to those sets, refreshed after each commit
       metrics.jsonl              one line per evaluation, rewritten from the committed set
+      steps.jsonl                one line per step: task losses and learning rates (cut back on --resume)
       train_config.json, run.log the options and the log
       run.lock                   held while a process uses the folder (the OS releases it when the process dies)
 
@@ -35,12 +36,13 @@ FORMAT = "minbert-run/1"
 CHECKPOINTS = "checkpoints"
 LINKS = ("last", "best")
 MANIFEST = "manifest.json"
+STEPS = "steps.jsonl"
 # what a run leaves in its folder, and what --overwrite deletes (never anything else the folder holds): its results
 # (a folder holding any is refused without --resume or --overwrite), and its logs (replaced silently when no result
 # was saved: the run stopped before its first checkpoint)
 RUN_RESULTS = (POINTER, CHECKPOINTS, *LINKS, "metrics.jsonl",
                "train_state.json", "train_state.safetensors")  # these two: the layout before checkpoint sets
-RUN_LOGS = ("train_config.json", "run.log", "steps.jsonl", "plots")
+RUN_LOGS = ("train_config.json", "run.log", STEPS, "plots")
 
 
 def file_digest(path: Path) -> str:
@@ -215,8 +217,22 @@ class RunDir:
         """Append to run.log, and print unless `echo` is False."""
         if echo:
             print(message)
+        self._append("run.log", message)
+
+    def log_step(self, record: dict) -> None:
+        """One line of steps.jsonl (a step's task losses and learning rates, for training curves)."""
+        self._append(STEPS, json.dumps(record))
+
+    def drop_steps_after(self, step: int) -> None:
+        """Keep the steps.jsonl lines up to `step` (a resumed run redoes the steps after its checkpoint)."""
+        path = self.path / STEPS
+        if path.is_file():
+            lines = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines)))
+
+    def _append(self, name: str, line: str) -> None:
         try:
-            with open(self.path / "run.log", "a") as f:
-                f.write(message + "\n")
+            with open(self.path / name, "a") as f:
+                f.write(line + "\n")
         except OSError as err:
-            raise RunError(f"cannot write {self.path / 'run.log'}: {err.strerror or err}") from None
+            raise RunError(f"cannot write {self.path / name}: {err.strerror or err}") from None

@@ -19,7 +19,7 @@ from .step import Runtime
 
 # options --resume may change: where and how fast the run goes, not what it computes
 RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "device", "use_gpu", "amp", "compile", "eval_batch_size",
-                     "save_every", "data_dir", "strict", "sweep", "seeds", *FILE_FLAGS}
+                     "save_every", "data_dir", "strict", "plots", "sweep", "seeds", *FILE_FLAGS}
 
 
 @dataclass
