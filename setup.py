@@ -15,7 +15,8 @@ setup(
         "plots": ["matplotlib"],
         # transformers, peft and sentence-transformers are reference oracles for the tests only; the library never
         # imports them
-        "test": ["pytest", "transformers>=4.40", "peft>=0.10", "sentence-transformers>=3.0", "matplotlib"],
+        "test": ["pytest", "transformers>=4.40", "peft>=0.10", "sentence-transformers>=3.0", "matplotlib",
+                 "nbclient", "ipykernel", "nbformat"],
     },
     entry_points={"console_scripts": ["minbert-train=train:main", "minbert-evaluate=evaluate:main"]},
 )

@@ -205,3 +205,25 @@ def test_what_cannot_be_expressed_is_refused_in_one_line(tmp_path, tiny_model_di
         export_sentence_transformer(model, tmp_path / "out")
     assert "\n" not in str(refusal.value) and str(tmp_path / "out") in str(refusal.value)
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_evaluate_export_writes_a_folder_both_libraries_load(tmp_path, tiny_model_dir, capsys):
+    """`python evaluate.py CKPT --export DIR` on a multi-task checkpoint whose encoder was fine-tuned (LoRA merged)."""
+    import evaluate
+    torch.manual_seed(0)
+    model = MultitaskBert.from_pretrained(tiny_model_dir, HeadConfig(pooling="cls"),
+                                          lora=LoRAConfig(r=4, alpha=8, variant="dora")).eval()
+    perturb_adapters(model)
+    model.save(tmp_path / "ckpt", {"step": 1})
+    vectors = sentence_vectors(model, TEXTS)
+    assert evaluate.main([str(tmp_path / "ckpt"), "--export", str(tmp_path / "out")]) == {"export": str(tmp_path / "out")}
+    assert "SentenceTransformer(" in capsys.readouterr().out
+    theirs = transformers.BertModel.from_pretrained(tmp_path / "out").eval()
+    batch = model.tokenizer(TEXTS)
+    with torch.no_grad():
+        hidden = theirs(**batch).last_hidden_state
+    assert (hidden[:, 0] - vectors).abs().max().item() < 1e-5
+    assert (vectors_from_files(tmp_path / "out", TEXTS) - vectors).abs().max().item() < 1e-5
+    with pytest.raises(SystemExit) as info:
+        evaluate.main([str(tmp_path / "ckpt"), str(tmp_path / "ckpt"), "--export", str(tmp_path / "x")])
+    assert info.value.code == 2 and "--export takes one checkpoint" in capsys.readouterr().err
