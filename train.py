@@ -120,8 +120,8 @@ def evaluate_and_save(session: Session, model: MultitaskBert, dev: dict, state: 
     """Dev evaluation at the current step, its metrics.jsonl record (with the training seconds and tokens/s since
     the last evaluation, and `epoch_end` facts), and a checkpoint set; then the window restarts."""
     p, methods = state.progress, state.methods
-    metrics, _ = evaluate(model, dev, session.cfg.loop.eval_batch_size, session.rt.precision)
     seconds = time.perf_counter() - window.started
+    metrics, _ = evaluate(model, dev, session.cfg.loop.eval_batch_size, session.rt.precision)
     record = {"epoch": p.epoch, "step": p.global_step, **metrics, "train_seconds": round(seconds, 1),
               "train_tokens_per_s": round(window.tokens / seconds), **(epoch_end or {}),
               **(methods.gradnorm.log() if methods.gradnorm else {}),

@@ -216,7 +216,8 @@ def test_evaluate_export_writes_a_folder_both_libraries_load(tmp_path, tiny_mode
     perturb_adapters(model)
     model.save(tmp_path / "ckpt", {"step": 1})
     vectors = sentence_vectors(model, TEXTS)
-    assert evaluate.main([str(tmp_path / "ckpt"), "--export", str(tmp_path / "out")]) == {"export": str(tmp_path / "out")}
+    out = str(tmp_path / "out")
+    assert evaluate.main([str(tmp_path / "ckpt"), "--export", out]) == {"export": out}
     assert "SentenceTransformer(" in capsys.readouterr().out
     theirs = transformers.BertModel.from_pretrained(tmp_path / "out").eval()
     batch = model.tokenizer(TEXTS)

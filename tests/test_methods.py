@@ -82,8 +82,9 @@ def test_cfimdb_merged_into_sst_trains_on_mapped_labels_and_is_scored_alone(tiny
                             str(tmp_path / "pred")])
     assert scores["cfimdb_acc"] == pytest.approx(metrics["cfimdb_acc"])
     assert (tmp_path / "pred" / "cfimdb-dev-output.csv").read_text().count("\n") == 9  # header + 8 reviews
-    exits(capsys, 2, "--cfimdb_label_map must map 0 and 1", train.main,
-          run_args(tiny_model_dir, data_with_cfimdb, tmp_path / "x", "--merge_cfimdb", "--cfimdb_label_map", "0:7"))
+    for bad in ("0:7", "0:2,1:2", "1:4"):
+        exits(capsys, 2, "--cfimdb_label_map must map 0 and 1 to two SST classes", train.main,
+              run_args(tiny_model_dir, data_with_cfimdb, tmp_path / "x", "--merge_cfimdb", "--cfimdb_label_map", bad))
 
 
 def test_merged_labels_follow_the_map(data_with_cfimdb):
@@ -138,3 +139,17 @@ def test_bilstm_dropout_reaches_the_encoder():
     model = MultitaskBert.from_pretrained("bilstm", bilstm_dropout=0.15)
     assert model.bert.config.dropout == 0.15
     assert {m.p for m in model.bert.modules() if isinstance(m, torch.nn.Dropout)} == {0.15}
+
+
+def test_training_seconds_leave_out_the_evaluation(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    import time
+    real = train.evaluate
+
+    def slow(*a, **kw):
+        time.sleep(3)
+        return real(*a, **kw)
+    monkeypatch.setattr(train, "evaluate", slow)
+    train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "run", "--eval_every", "2"))
+    seconds = [json.loads(line)["train_seconds"] for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert len(seconds) == 4 and all(s < 3 for s in seconds[1:]), seconds  # the first window has the warm-up

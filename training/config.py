@@ -181,8 +181,8 @@ class DataOptions:
             labels = [int(mapping["0"]), int(mapping["1"])]
         except (KeyError, ValueError):
             labels = []
-        if len(labels) != 2 or not all(0 <= c < TASKS["sst"].num_classes for c in labels):
-            raise ConfigError(f"--cfimdb_label_map must map 0 and 1 to SST classes 0-4, e.g. 0:0,1:4; got "
+        if len(labels) != 2 or labels[0] == labels[1] or not all(0 <= c < TASKS["sst"].num_classes for c in labels):
+            raise ConfigError(f"--cfimdb_label_map must map 0 and 1 to two SST classes 0-4, e.g. 0:0,1:4; got "
                               f"{self.cfimdb_label_map!r}")
         return labels
 
