@@ -1,0 +1,254 @@
+"""The results table (RESULTS.md): every method family on the embedded MiniLM at one fixed budget of training
+examples, 3 seeds each, mean ± std per task and overall, training time, and the command that reproduces each row.
+
+    nohup python bench/results.py --data_dir ../shared/data > results.log 2>&1 &     # runs what is missing, resumable
+    python bench/results.py --data_dir ../shared/data --table                        # rewrite RESULTS.md only
+
+Every run is a fresh `train.py` process in bench/results/runs/ROW/seedS (git-ignored). A run that finished is read
+back, a killed one continues with --resume, so the script can be killed and restarted at any moment; each finished
+run appends its figures to bench/results/runs.jsonl (committed), and RESULTS.md is rewritten after every run.
+Differences from the summed baseline are marked when Welch's t-test gives p < 0.05 (scipy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from scipy.stats import ttest_ind
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results"
+SEEDS = (11711, 11712, 11713)
+BATCH = 32
+EXAMPLES = 14_400  # the budget in training examples: 150 steps of 32 + 32 + 32, or 450 one-task steps of 32
+METRICS = ("sst_acc", "para_acc", "sts_pearson", "overall")
+ONE_TASK_PER_STEP = ("random", "round_robin", "proportional", "annealed", "sequential", "random_epoch")
+
+
+BASE_LR = "the README's fine-tuning rate for MiniLM"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a family, a name, the flags on top of the baseline, the learning rate and where it
+    comes from, and a train.py run the row starts from (masked-LM pre-training)."""
+
+    family: str
+    name: str
+    flags: tuple[str, ...] = ()
+    lr: float = 5e-5
+    lr_source: str = BASE_LR
+    before: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return self.name.replace(" ", "_").replace("/", "-").replace(",", "-").replace(":", "-")
+
+    def steps(self) -> int:
+        one_task = any(f"--scheduler {s}" in " ".join(self.flags) for s in ONE_TASK_PER_STEP)
+        return EXAMPLES // BATCH // (1 if one_task else 3)
+
+    def command(self, data_dir: str, seed: int, output_dir: str) -> list[str]:
+        model = [] if "--model" in self.flags else ["--model", "minilm"]
+        return ["python", "train.py", *model, *self.flags, "--data_dir", data_dir, "--epochs", "1",
+                "--steps_per_epoch", str(self.steps()), "--batch_size", str(BATCH), "--lr", f"{self.lr:g}",
+                "--seed", str(seed), "--output_dir", output_dir]
+
+
+MLM_DIR = "bench/results/runs/mlm/model"
+LORA = {"lr": 5e-4, "lr_source": "LoRA paper (Hu et al. 2021), RoBERTa-base on GLUE: 4e-4 to 5e-4"}
+ROWS = [
+    Row("baseline", "summed"),
+    Row("gradient surgery", "PCGrad", ("--pcgrad",)),
+    Row("task weighting", "GradNorm", ("--gradnorm",)),
+    Row("regularisation", "SMART", ("--smart",)),
+    Row("scheduling", "random", ("--scheduler", "random")),
+    Row("scheduling", "round_robin", ("--scheduler", "round_robin")),
+    Row("scheduling", "proportional", ("--scheduler", "proportional")),
+    Row("scheduling", "annealed", ("--scheduler", "annealed")),
+    Row("scheduling", "random_epoch", ("--scheduler", "random_epoch")),
+    Row("scheduling", "sequential sst,para,sts", ("--scheduler", "sequential", "--task_order", "sst,para,sts")),
+    Row("scheduling", "sequential sts,para,sst", ("--scheduler", "sequential", "--task_order", "sts,para,sst")),
+    Row("pooling", "pooler", ("--pooling", "pooler")),
+    Row("pooling", "cls", ("--pooling", "cls")),
+    Row("pooling", "concat", ("--pooling", "concat")),
+    Row("heads", "sst mlp 256,64 relu", ("--sentiment_head", "mlp")),
+    Row("heads", "sst 768,768 gelu", ("--sentiment_head", "sentence:768,768:gelu")),
+    Row("heads", "para features 512,64 relu", ("--para_head", "features:512,64:relu")),
+    Row("heads", "para concat", ("--para_head", "concat")),
+    Row("heads", "para product", ("--para_head", "product")),
+    Row("heads", "para cosine_logit", ("--para_head", "cosine_logit")),
+    Row("heads", "para cosine embedding loss", ("--para_head", "cosine", "--para_loss", "cosine_embedding")),
+    Row("heads", "sts features 512,64 relu", ("--sts_head", "features:512,64:relu")),
+    Row("heads", "sts product", ("--sts_head", "product")),
+    Row("heads", "sts signed_difference", ("--sts_head", "signed_difference")),
+    Row("heads", "sts cosine", ("--sts_head", "cosine")),
+    Row("heads", "sts cosine, rescaled loss", ("--sts_head", "cosine", "--sts_loss", "mse_rescaled")),
+    Row("heads", "cross-encoder", ("--pair_encoding", "cross")),
+    Row("data", "SST + CFIMDB merged", ("--merge_cfimdb",)),
+    Row("streams", "multi-stream 128", ("--multi_stream", "128")),
+    Row("streams", "multi-stream 128 relu", ("--multi_stream", "128", "--stream_activation", "relu")),
+    Row("streams", "shared layer 128", ("--shared_layer", "128")),
+    Row("adapters", "LoRA r8 lll", ("--lora", "8"), **LORA),
+    Row("adapters", "rsLoRA r8 lll", ("--lora", "8", "--lora_variant", "rslora"), **LORA),
+    Row("adapters", "DoRA r8 lll", ("--lora", "8", "--lora_variant", "dora"), **LORA),
+    Row("adapters", "LoRA r8 fm", ("--lora", "8", "--lora_mode", "fm")),
+    Row("adapters", "rsLoRA r8 fm", ("--lora", "8", "--lora_variant", "rslora", "--lora_mode", "fm")),
+    Row("adapters", "DoRA r8 fm", ("--lora", "8", "--lora_variant", "dora", "--lora_mode", "fm")),
+    Row("adapters", "LoRA r8 lll, scale α", ("--lora", "8", "--lora_scaling", "alpha"), **LORA),
+    Row("adapters", "PALs pal shared V_E/V_D", ("--pals", "pal", "--pals_share_ve_vd")),
+    Row("adapters", "PALs pal", ("--pals", "pal")),
+    Row("adapters", "PALs lowrank", ("--pals", "lowrank")),
+    Row("adapters", "PALs mixed", ("--pals", "mixed")),
+    Row("adapters", "PALs pal after LayerNorm", ("--pals", "pal", "--pals_aa")),
+    Row("adapters", "PALs pal, SST only", ("--pals", "pal", "--pals_tasks", "sst")),
+    Row("pre-training", "masked-LM then fine-tune", ("--model", MLM_DIR),
+        before=("--option", "mlm", "--model", "minilm", "--epochs", "1", "--steps_per_epoch", "300", "--lr", "5e-5",
+                "--batch_size", "32", "--output_dir", MLM_DIR)),
+    Row("baseline", "BiLSTM", ("--model", "bilstm"), lr=1e-3, lr_source="Adam's usual rate for a BiLSTM from scratch"),
+]
+ENSEMBLE = "ensemble of the 3 summed seeds"
+
+
+def finished(folder: Path) -> dict | None:
+    """The last metrics.jsonl record of a run whose last evaluation is at its last step, else None."""
+    metrics, config = folder / "metrics.jsonl", folder / "train_config.json"
+    if not metrics.is_file() or not config.is_file():
+        return None
+    record = json.loads(metrics.read_text().splitlines()[-1]) if metrics.read_text().strip() else None
+    return record if record and record["epoch"] == json.loads(config.read_text())["loop"]["epochs"] else None
+
+
+def run(command: list[str], log: Path) -> None:
+    with open(log, "a") as f:
+        subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
+
+
+def run_row(row: Row, seed: int, data_dir: str) -> dict:
+    """Train (or resume, or read back) one seed of a row; returns its figures."""
+    folder = OUT / "runs" / row.key / f"seed{seed}"
+    command = row.command(data_dir, seed, str(folder.relative_to(ROOT)))
+    record = finished(folder)
+    if record is None:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        resume = ["--resume"] if (folder / "checkpoint.json").is_file() else ["--overwrite"]
+        run([sys.executable, *command[1:], *resume], folder.parent / f"seed{seed}.log")
+        record = finished(folder)
+        record["wall_seconds"] = round(time.time() - started, 1)
+    return {"row": row.name, "seed": seed, "command": " ".join(command), "train_seconds": record["train_seconds"],
+            **{m: record[m] for m in METRICS}}
+
+
+def run_ensemble(data_dir: str) -> dict:
+    """evaluate.py on the best checkpoints of the baseline's seeds together."""
+    members = [str((OUT / "runs" / ROWS[0].key / f"seed{s}" / "best").relative_to(ROOT)) for s in SEEDS]
+    command = ["python", "evaluate.py", *members, "--data_dir", data_dir, "--output_dir",
+               str((OUT / "runs" / "ensemble").relative_to(ROOT))]
+    output = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, check=True)
+    metrics = json.loads(output.stdout.strip().splitlines()[-1])
+    return {"row": ENSEMBLE, "seed": None, "command": " ".join(command), "train_seconds": 0.0,
+            **{m: metrics[m] for m in METRICS}}
+
+
+def load_results() -> list[dict]:
+    path = OUT / "runs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def cell(values: list[float], base: list[float] | None) -> str:
+    """mean ± std, with * when Welch's t-test against the baseline gives p < 0.05."""
+    text = f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+    if base is not None and len(values) > 1 and len(base) > 1 and values != base:
+        p = ttest_ind(values, base, equal_var=False).pvalue
+        text += " *" if p < 0.05 else ""
+    return text
+
+
+def write_table(results: list[dict]) -> None:
+    by_row = {}
+    for r in results:
+        by_row.setdefault(r["row"], []).append(r)
+    base = by_row.get(ROWS[0].name)
+    lines = [
+        "# Results: which methods help (MiniLM, one fixed budget)",
+        "",
+        f"Every row trains the embedded all-MiniLM-L6-v2 on {EXAMPLES:,} training examples: 150 steps of 32 + 32 + 32 "
+        "(one batch of each task per step), or 450 steps of 32 for the schedulers that train one task per step. "
+        "Dev sets are the full CS224N dev files (`../shared/data`, Quora trained on its 22,646-row partial split). "
+        f"Each row is {len(SEEDS)} seeds ({', '.join(map(str, SEEDS))}): mean ± standard deviation. "
+        "`*` marks a difference from the summed baseline with p < 0.05 in Welch's t-test (scipy). Training time is "
+        "the training loop's seconds per run on 2 CPU cores (mean), without loading and evaluation. The command "
+        "reproduces seed 11711; `python bench/results.py --data_dir ../shared/data` runs the whole table, resuming "
+        "where it stopped.",
+        "",
+        "| family | method | lr | SST acc | Quora acc | STS r | overall | train s | command |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in [*ROWS, Row("ensemble", ENSEMBLE)]:
+        runs = by_row.get(row.name)
+        if not runs:
+            command = row.command("../shared/data", SEEDS[0], f"bench/results/runs/{row.key}/seed{SEEDS[0]}")
+            lines.append(f"| {row.family} | {row.name} | {row.lr:g} | pending | | | | | `{' '.join(command)}` |"
+                         if row.name != ENSEMBLE else f"| {row.family} | {row.name} | | pending | | | | | |")
+            continue
+        cells = [cell([r[m] for r in runs], None if row.name == ROWS[0].name or base is None else
+                      [b[m] for b in base]) for m in METRICS]
+        seconds = statistics.mean(r["train_seconds"] for r in runs)
+        lines.append(f"| {row.family} | {row.name} | {row.lr:g} | " + " | ".join(cells)
+                     + f" | {seconds:.0f} | `{runs[0]['command']}` |")
+    mlm = next(r for r in ROWS if r.before)
+    lines += ["", "Learning rates: " + "; ".join(sorted({f"{r.lr:g}: {r.lr_source}" for r in ROWS})) + ".", "",
+              f"The {mlm.name} row fine-tunes the model written first by `python train.py --data_dir ../shared/data "
+              f"{' '.join(mlm.before)}`. The ensemble row scores the summed baseline's three `best/` checkpoints "
+              "together with `evaluate.py` (averaged scores). The sequential rows stop inside the order at this "
+              "budget (450 steps of the 1,164 one pass takes), so their last task gets few or no steps: that is "
+              "what sequential training costs at a fixed budget.", ""]
+    (ROOT / "RESULTS.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="../shared/data")
+    p.add_argument("--table", action="store_true", help="only rewrite RESULTS.md from runs.jsonl")
+    p.add_argument("--rows", default=None, help="comma-separated row keys to run, e.g. summed,PCGrad,GradNorm "
+                   "(a key is the row's name with spaces, commas and colons as _ and -; default: all, in order)")
+    args = p.parse_args()
+    results = load_results()
+    if not args.table:
+        done = {(r["row"], r["seed"]) for r in results}
+        chosen = [r for r in ROWS if args.rows is None or r.key in args.rows.split(",")]
+        for row in chosen:
+            for seed in SEEDS:
+                if (row.name, seed) in done:
+                    continue
+                if row.before and not (ROOT / MLM_DIR / "model.safetensors").is_file():
+                    run([sys.executable, "train.py", "--data_dir", args.data_dir, *row.before, "--overwrite"],
+                        OUT / "runs" / "mlm.log")
+                try:
+                    results.append(run_row(row, seed, args.data_dir))
+                except subprocess.CalledProcessError:  # retried on the next start; the table goes on
+                    print(f"{row.name} seed {seed} failed: see {OUT / 'runs' / row.key / f'seed{seed}.log'}")
+                    continue
+                with open(OUT / "runs.jsonl", "a") as f:
+                    f.write(json.dumps(results[-1]) + "\n")
+                write_table(results)
+                if row != ROWS[0]:  # the baseline's checkpoints stay for the ensemble; the others only cost disk
+                    shutil.rmtree(OUT / "runs" / row.key / f"seed{seed}" / "checkpoints", ignore_errors=True)
+        if ENSEMBLE not in {r["row"] for r in results} and all((ROWS[0].name, s) in done | {
+                (r["row"], r["seed"]) for r in results} for s in SEEDS):
+            results.append(run_ensemble(args.data_dir))
+            with open(OUT / "runs.jsonl", "a") as f:
+                f.write(json.dumps(results[-1]) + "\n")
+    write_table(results)
+
+
+if __name__ == "__main__":
+    main()
