@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import quote, urljoin, urlsplit
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
 from .errors import CheckpointError
