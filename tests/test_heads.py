@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import minbert
 from heads import HeadConfig, HeadSpec, MultitaskBert, Pooling, TaskHead
@@ -158,21 +159,57 @@ def test_shared_layer_only_model(tiny_model_dir):
     assert all(id(p) in shared for p in model.shared_stream.parameters())
 
 
-def test_checkpoints_of_the_first_format_load_and_score_unchanged():
-    """Checkpoints written before head specs (tests/fixtures/legacy-multitask-1, written by commit 7399835 with the
-    outputs it computed): old head names, scalar cosine_logit parameters and ReLU streams."""
-    for folder in sorted((Path(__file__).parent / "fixtures" / "legacy-multitask-1").iterdir()):
-        expected = json.loads((folder / "expected.json").read_text())
-        model = MultitaskBert.from_checkpoint(folder).eval()
-        tok = model.tokenizer
-        pairs = pair_batch(tok, [a for a, _ in expected["pairs"]], [b for _, b in expected["pairs"]])
-        with torch.no_grad():
-            torch.testing.assert_close(model("sst", tok(expected["texts"])), torch.tensor(expected["sst"]))
-            for task in ("para", "sts"):
-                torch.testing.assert_close(model(task, pairs), torch.tensor(expected[task]))
-    assert model.config.stream_activation in ("none", "relu")
-    streams = MultitaskBert.from_checkpoint(folder.parent / "mlp-cosine-logit-streams")
-    assert streams.config.stream_activation == "relu" and str(streams.config.head_spec("para")) == "cos"
+def write_first_format_checkpoint(tiny_model_dir, directory: Path) -> dict[str, torch.Tensor]:
+    """A minbert-multitask/1 checkpoint as the code before head specs wrote it: the MLP sentiment head as `net.{0,2,4}`
+    (Linear-ReLU-Linear-ReLU-Linear), cosine_logit as scalar `scale` and `bias`, no stream activation field (the
+    streams had a ReLU). Returns its tensors."""
+    torch.manual_seed(1)
+    model = MultitaskBert.from_pretrained(str(tiny_model_dir), HeadConfig(
+        sentiment_head="mlp", para_head="cosine_logit", sts_head="cosine", multi_stream=8))
+    old_names = {"heads.sst.mlp.0": "heads.sst.net.0", "heads.sst.mlp.2": "heads.sst.net.2",
+                 "heads.sst.out": "heads.sst.net.4"}
+    tensors = {}
+    for key, value in model.state_dict().items():
+        value = value + 0.05 * torch.randn_like(value)
+        prefix, leaf = key.rsplit(".", 1)
+        if prefix == "heads.para.out":  # a·cos + b with scalar parameters
+            tensors[f"heads.para.{'scale' if leaf == 'weight' else 'bias'}"] = value.reshape(())
+        else:
+            tensors[f"{old_names.get(prefix, prefix)}.{leaf}"] = value
+    model.save(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["format"] = "minbert-multitask/1"
+    config["heads"] = {k: config["heads"][k] for k in ("tasks", "pooling", "pair_encoding", "sentiment_head",
+                                                       "para_head", "sts_head", "multi_stream", "dropout")}
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file(tensors, directory / "model.safetensors")
+    return tensors
+
+
+def test_checkpoints_of_the_first_format_load_and_score_unchanged(tiny_model_dir, tmp_path):
+    """Old head names, scalar cosine_logit parameters and ReLU streams: the outputs are the old formulas on the
+    saved tensors."""
+    w = write_first_format_checkpoint(tiny_model_dir, tmp_path / "old")
+    model = MultitaskBert.from_checkpoint(tmp_path / "old")
+    assert model.config.stream_activation == "relu" and str(model.config.head_spec("para")) == "cos"
+    tok = model.tokenizer
+    texts, firsts, seconds = ["the movie was very good", "awful film"], ["how do i play guitar", "a cat"], \
+        ["how to play the guitar", "the man"]
+    linear = lambda x, name: x @ w[f"{name}.weight"].T + w[f"{name}.bias"]  # noqa: E731
+
+    def streams(texts: list[str], task: str) -> torch.Tensor:  # ReLU(shared) ; ReLU(task stream)
+        x = tok(texts)
+        pooled = model.pooling(model.bert(**x), x["attention_mask"])
+        return torch.cat([linear(pooled, "shared_stream").relu(), linear(pooled, f"streams.{task}").relu()], -1)
+    with torch.no_grad():
+        h = streams(texts, "sst")
+        sst = linear(linear(linear(h, "heads.sst.net.0").relu(), "heads.sst.net.2").relu(), "heads.sst.net.4")
+        torch.testing.assert_close(model("sst", tok(texts)), sst)
+        pair = pair_batch(tok, firsts, seconds)
+        cos = F.cosine_similarity(streams(firsts, "para"), streams(seconds, "para"))
+        torch.testing.assert_close(model("para", pair), w["heads.para.scale"] * cos + w["heads.para.bias"])
+        cos = F.cosine_similarity(streams(firsts, "sts"), streams(seconds, "sts"))
+        torch.testing.assert_close(model("sts", pair), (cos + 1) * 2.5)
 
 
 def test_cfimdb_merged_into_sst_is_scored_by_the_sst_head(tiny_model_dir):
