@@ -16,8 +16,10 @@ from training.step import MethodState, Runtime
 
 
 def run_args(model_dir, data_dir, out, *extra) -> list[str]:
+    """A tiny run with dropout on, so resuming exactly needs the dropout RNG streams restored."""
     return ["--model", str(model_dir), "--data_dir", str(data_dir), "--output_dir", str(out), "--epochs", "2",
-            "--steps_per_epoch", "3", "--batch_size", "4", "--lr", "1e-3", "--eval_batch_size", "8", *extra]
+            "--steps_per_epoch", "3", "--batch_size", "4", "--lr", "1e-3", "--hidden_dropout_prob", "0.1",
+            "--eval_batch_size", "8", *extra]
 
 
 def exits(capsys, code: int, pattern: str, main, argv) -> str:

@@ -55,7 +55,8 @@ class ModelOptions:
                                "non-BERT baseline) (default: bert-base-uncased from the local cache if present, "
                                "else minilm)")
     tasks: str = flag("sst,para,sts", f"comma-separated subset of {','.join(TASKS)}")
-    hidden_dropout_prob: float = 0.1
+    hidden_dropout_prob: float = flag(0.0, "dropout on hidden states in the encoder and heads (BERT's own is "
+                                      "0.1; 0 scored best at README command 1's 300 steps, RESULTS.md)")
     max_length: int = flag(128, "longest input in tokens (capped at the model's position embeddings)")
     finetune_last: int = flag(0, "train only the last N encoder layers (0 = all)")
     bilstm_dropout: float = flag(0.3, "dropout of the --model bilstm baseline (embeddings and between LSTM layers)")
@@ -224,7 +225,8 @@ class LoopOptions:
 class OptimOptions:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = 5e-5
+    lr: float = flag(1e-4, "learning rate of the pre-trained encoder and any adapters (1e-4 beat 5e-5 and 2e-4 "
+                           "at README command 1's 300 steps, RESULTS.md)")
     head_lr: float = flag(1e-3, "learning rate of the randomly initialised heads, pooling and streams")
     weight_decay: float = 0.01
     lr_schedule: str = flag("constant", choices=LR_SCHEDULES)
