@@ -17,7 +17,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,11 +137,9 @@ def run_row(row: Row, seed: int, data_dir: str) -> dict:
     record = finished(folder)
     if record is None:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        started = time.time()
         resume = ["--resume"] if (folder / "checkpoint.json").is_file() else ["--overwrite"]
         run([sys.executable, *command[1:], *resume], folder.parent / f"seed{seed}.log")
         record = finished(folder)
-        record["wall_seconds"] = round(time.time() - started, 1)
     return {"row": row.name, "seed": seed, "command": " ".join(command), "train_seconds": record["train_seconds"],
             **{m: record[m] for m in METRICS}}
 
@@ -158,9 +155,23 @@ def run_ensemble(data_dir: str) -> dict:
             **{m: metrics[m] for m in METRICS}}
 
 
-def load_results() -> list[dict]:
-    path = OUT / "runs.jsonl"
+def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def keep(results: list[dict], result: dict) -> None:
+    """Keep one finished run: in memory and as a line of runs.jsonl."""
+    results.append(result)
+    with open(OUT / "runs.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+def group(runs: list[dict], key: str) -> dict[str, list[dict]]:
+    """Runs grouped by one field, in order of first appearance."""
+    groups = {}
+    for r in runs:
+        groups.setdefault(r[key], []).append(r)
+    return groups
 
 
 def cell(values: list[float], base: list[float] | None) -> str:
@@ -173,9 +184,7 @@ def cell(values: list[float], base: list[float] | None) -> str:
 
 
 def write_table(results: list[dict]) -> None:
-    by_row = {}
-    for r in results:
-        by_row.setdefault(r["row"], []).append(r)
+    by_row = group(results, "row")
     base = by_row.get(ROWS[0].name)
     lines = [
         "# Results: which methods help (MiniLM, one fixed budget)",
@@ -218,22 +227,18 @@ def write_table(results: list[dict]) -> None:
 def defaults_section() -> list[str]:
     """How train.py's defaults were chosen: README command 1 (300 steps of 32 + 32 + 32) with each candidate's
     flags, from bench/results/defaults.jsonl (one line per run)."""
-    path = OUT / "defaults.jsonl"
-    runs = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    by_flags = {}
-    for r in runs:
-        by_flags.setdefault(r["flags"], []).append(r)
+    runs = read_jsonl(OUT / "defaults.jsonl")
     lines = ["## How the defaults were chosen", "",
              "README command 1 (`python train.py --option finetune --model minilm --data_dir ../shared/data --epochs 1 "
              "--steps_per_epoch 300 --batch_size 32 --seed S`) with each candidate's flags, full dev sets; the "
              "target was the plain transformers loop of the README on every task (SST 0.466, Quora 0.773, STS 0.828) "
              "and overall ≥ 0.745 as a mean of 3 seeds. The defaults are the last row's flags.", "",
              "| flags | seeds | SST acc | Quora acc | STS r | overall | train s |", "|---|---|---|---|---|---|---|"]
-    for flags, group in by_flags.items():
-        seconds = [r["train_seconds"] for r in group if r.get("train_seconds")]
+    for flags, same in group(runs, "flags").items():
+        seconds = [r["train_seconds"] for r in same if r.get("train_seconds")]
         train_s = f"{statistics.mean(seconds):.0f}" if seconds else ""
-        lines.append(f"| `{flags}` | {', '.join(str(r['seed']) for r in group)} | "
-                     + " | ".join(cell([r[m] for r in group], None) for m in METRICS) + f" | {train_s} |")
+        lines.append(f"| `{flags}` | {', '.join(str(r['seed']) for r in same)} | "
+                     + " | ".join(cell([r[m] for r in same], None) for m in METRICS) + f" | {train_s} |")
     return lines + ["", *(r["note"] for r in runs if r.get("note")), ""]
 
 
@@ -244,7 +249,7 @@ def main() -> None:
     p.add_argument("--rows", default=None, help="comma-separated row keys to run, e.g. summed,PCGrad,GradNorm "
                    "(a key is the row's name with spaces, commas and colons as _ and -; default: all, in order)")
     args = p.parse_args()
-    results = load_results()
+    results = read_jsonl(OUT / "runs.jsonl")
     if not args.table:
         done = {(r["row"], r["seed"]) for r in results}
         chosen = [r for r in ROWS if args.rows is None or r.key in args.rows.split(",")]
@@ -256,20 +261,16 @@ def main() -> None:
                     run([sys.executable, "train.py", "--data_dir", args.data_dir, *row.before, "--overwrite"],
                         OUT / "runs" / "mlm.log")
                 try:
-                    results.append(run_row(row, seed, args.data_dir))
+                    keep(results, run_row(row, seed, args.data_dir))
                 except subprocess.CalledProcessError:  # retried on the next start; the table goes on
                     print(f"{row.name} seed {seed} failed: see {OUT / 'runs' / row.key / f'seed{seed}.log'}")
                     continue
-                with open(OUT / "runs.jsonl", "a") as f:
-                    f.write(json.dumps(results[-1]) + "\n")
                 write_table(results)
                 if row != ROWS[0]:  # the baseline's checkpoints stay for the ensemble; the others only cost disk
                     shutil.rmtree(OUT / "runs" / row.key / f"seed{seed}" / "checkpoints", ignore_errors=True)
-        if ENSEMBLE not in {r["row"] for r in results} and all((ROWS[0].name, s) in done | {
-                (r["row"], r["seed"]) for r in results} for s in SEEDS):
-            results.append(run_ensemble(args.data_dir))
-            with open(OUT / "runs.jsonl", "a") as f:
-                f.write(json.dumps(results[-1]) + "\n")
+        finished_runs = {(r["row"], r["seed"]) for r in results}
+        if ENSEMBLE not in {r["row"] for r in results} and all((ROWS[0].name, s) in finished_runs for s in SEEDS):
+            keep(results, run_ensemble(args.data_dir))
     write_table(results)
 
 
