@@ -76,6 +76,10 @@ def task_schedule(cfg: TrainConfig, train: dict, streams: dict, session: Session
             session.log(f"warning: --scheduler sequential with {steps} steps per epoch never reaches "
                         f"{', '.join(t for t in sampler.tasks if t not in reached)} (the order needs "
                         f"{sampler.steps_per_epoch} steps); raise --steps_per_epoch or change --task_order")
+    if sampler and sampler.mode in ("annealed", "random_epoch") and cfg.loop.epochs == 1:
+        session.log(f"warning: --scheduler {sampler.mode} changes from epoch to epoch; with --epochs 1 "
+                    + ("it samples exactly as proportional (alpha = 1)" if sampler.mode == "annealed" else
+                       "it trains a single task") + ": split the budget, e.g. --epochs 3 with a third of the steps")
     return sampler, steps
 
 

@@ -45,6 +45,7 @@ class Row:
     lr: float = 1e-4
     lr_source: str = BASE_LR
     before: tuple[str, ...] = ()
+    epochs: int = 1
 
     @property
     def key(self) -> str:
@@ -52,11 +53,11 @@ class Row:
 
     def steps(self) -> int:
         one_task = any(f"--scheduler {s}" in " ".join(self.flags) for s in ONE_TASK_PER_STEP)
-        return EXAMPLES // BATCH // (1 if one_task else 3)
+        return EXAMPLES // BATCH // (1 if one_task else 3) // self.epochs
 
     def command(self, data_dir: str, seed: int, output_dir: str) -> list[str]:
         model = [] if "--model" in self.flags else ["--model", "minilm"]
-        return ["python", "train.py", *model, *self.flags, "--data_dir", data_dir, "--epochs", "1",
+        return ["python", "train.py", *model, *self.flags, "--data_dir", data_dir, "--epochs", str(self.epochs),
                 "--steps_per_epoch", str(self.steps()), "--batch_size", str(BATCH), "--lr", f"{self.lr:g}",
                 "--seed", str(seed), "--output_dir", output_dir]
 
@@ -71,8 +72,8 @@ ROWS = [
     Row("scheduling", "random", ("--scheduler", "random")),
     Row("scheduling", "round_robin", ("--scheduler", "round_robin")),
     Row("scheduling", "proportional", ("--scheduler", "proportional")),
-    Row("scheduling", "annealed", ("--scheduler", "annealed")),
-    Row("scheduling", "random_epoch", ("--scheduler", "random_epoch")),
+    Row("scheduling", "annealed", ("--scheduler", "annealed"), epochs=3),  # one epoch: α = 1, i.e. proportional
+    Row("scheduling", "random_epoch", ("--scheduler", "random_epoch"), epochs=3),  # one epoch: one task only
     Row("scheduling", "sequential sst,para,sts", ("--scheduler", "sequential", "--task_order", "sst,para,sts")),
     Row("scheduling", "sequential sts,para,sst", ("--scheduler", "sequential", "--task_order", "sts,para,sst")),
     Row("pooling", "pooler", ("--pooling", "pooler")),
@@ -191,6 +192,9 @@ def write_table(results: list[dict]) -> None:
         "",
         f"Every row trains the embedded all-MiniLM-L6-v2 on {EXAMPLES:,} training examples: 150 steps of 32 + 32 + 32 "
         "(one batch of each task per step), or 450 steps of 32 for the schedulers that train one task per step. "
+        "The two schedulers that change from epoch to epoch (annealed, random_epoch) run them as 3 epochs of 150 "
+        "steps and are scored after the last: in one epoch annealed samples exactly as proportional (α = 1) and "
+        "random_epoch trains a single task. "
         "Dev sets are the full CS224N dev files (`../shared/data`, Quora trained on its 22,646-row partial split). "
         f"Each row is {len(SEEDS)} seeds ({', '.join(map(str, SEEDS))}): mean ± standard deviation. "
         "`*` marks a difference from the summed baseline with p < 0.05 in Welch's t-test (scipy). Training time is "

@@ -224,6 +224,17 @@ def test_sequential_schedule_that_misses_a_task_warns(tiny_model_dir, tiny_data_
            "steps); raise --steps_per_epoch or change --task_order" in (run / "run.log").read_text()
 
 
+@pytest.mark.parametrize("scheduler, effect", [("annealed", "it samples exactly as proportional (alpha = 1)"),
+                                               ("random_epoch", "it trains a single task")])
+def test_epoch_based_schedule_in_one_epoch_warns(tiny_model_dir, tiny_data_dir, tmp_path, scheduler, effect):
+    for epochs in ("1", "2"):
+        run = tmp_path / f"run{epochs}"
+        train.main(run_args(tiny_model_dir, tiny_data_dir, run, "--scheduler", scheduler, "--epochs", epochs))
+        warned = f"warning: --scheduler {scheduler} changes from epoch to epoch; with --epochs 1 {effect}: split " \
+                 "the budget, e.g. --epochs 3 with a third of the steps" in (run / "run.log").read_text()
+        assert warned == (epochs == "1")
+
+
 def test_masked_lm_refuses_torchrun_and_resume(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
     args = ["--option", "mlm", "--model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir), "--output_dir",
             str(tmp_path / "mlm")]
