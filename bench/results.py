@@ -160,6 +160,25 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def check_commands(results: list[dict]) -> None:
+    """Stop when a stored run's command is not the one its row runs now (the row's flags changed since it ran):
+    its figures would otherwise be shown under flags they were not measured with."""
+    rows = {row.name: row for row in ROWS}
+    for line, r in enumerate(results, 1):
+        if r["row"] == ENSEMBLE:
+            continue
+        where = f"bench/results/runs.jsonl line {line}"
+        if r["row"] not in rows:
+            sys.exit(f"{where}: no row is named {r['row']!r} any more; remove the line (or rename it to the row's "
+                     "new name if its flags did not change)")
+        row, stored = rows[r["row"]], r["command"].split()
+        data_dir = stored[stored.index("--data_dir") + 1]
+        expected = " ".join(row.command(data_dir, r["seed"], f"bench/results/runs/{row.key}/seed{r['seed']}"))
+        if r["command"] != expected:
+            sys.exit(f"{where}: {r['row']} seed {r['seed']} ran `{r['command']}` but the row now runs `{expected}`; "
+                     f"remove the line and bench/results/runs/{row.key}/seed{r['seed']}/ to run it again")
+
+
 def keep(results: list[dict], result: dict) -> None:
     """Keep one finished run: in memory and as a line of runs.jsonl."""
     results.append(result)
@@ -254,6 +273,7 @@ def main() -> None:
                    "(a key is the row's name with spaces, commas and colons as _ and -; default: all, in order)")
     args = p.parse_args()
     results = read_jsonl(OUT / "runs.jsonl")
+    check_commands(results)
     if not args.table:
         done = {(r["row"], r["seed"]) for r in results}
         chosen = [r for r in ROWS if args.rows is None or r.key in args.rows.split(",")]

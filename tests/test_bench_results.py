@@ -1,0 +1,42 @@
+"""bench/results.py: stored runs whose row changed since they ran are refused, not shown under the new flags."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_results", ROOT / "bench" / "results.py")
+results = importlib.util.module_from_spec(spec)
+sys.modules["bench_results"] = results  # dataclasses look their module up there
+spec.loader.exec_module(results)
+
+
+def stored(row_name: str, seed: int = 11711, data_dir: str = "../shared/data") -> dict:
+    row = next(r for r in results.ROWS if r.name == row_name)
+    command = row.command(data_dir, seed, f"bench/results/runs/{row.key}/seed{seed}")
+    return {"row": row_name, "seed": seed, "command": " ".join(command), "train_seconds": 1.0,
+            **{m: 0.5 for m in results.METRICS}}
+
+
+def test_committed_runs_match_their_rows():
+    results.check_commands(results.read_jsonl(results.OUT / "runs.jsonl"))
+
+
+def test_runs_with_their_rows_command_pass_whatever_the_data_dir():
+    results.check_commands([stored("summed"), stored("PCGrad", 11712, "/data/cs224n"),
+                            {"row": results.ENSEMBLE, "seed": None, "command": "python evaluate.py a b c"}])
+
+
+def test_run_whose_row_changed_is_refused_with_its_line():
+    changed = stored("annealed")
+    changed["command"] = changed["command"].replace("--epochs 3 --steps_per_epoch 150", "--epochs 1 --steps_per_epoch 450")
+    with pytest.raises(SystemExit, match=r"runs.jsonl line 2: annealed seed 11711 ran .*--epochs 1 .* but the row now "
+                                         r"runs .*--epochs 3 .*; remove the line and bench/results/runs/annealed/seed11711/"):
+        results.check_commands([stored("summed"), changed])
+
+
+def test_run_of_a_row_that_no_longer_exists_is_refused():
+    gone = dict(stored("summed"), row="summed, old name")
+    with pytest.raises(SystemExit, match="line 1: no row is named 'summed, old name' any more"):
+        results.check_commands([gone])
