@@ -118,12 +118,15 @@ ENSEMBLE = "ensemble of the 3 summed seeds"
 
 
 def finished(folder: Path) -> dict | None:
-    """The last metrics.jsonl record of a run whose last evaluation is at its last step, else None."""
+    """The last metrics.jsonl record of a run whose last evaluation is at its last step, else None; its
+    train_seconds are the whole run's (each record counts the seconds since the evaluation before it)."""
     metrics, config = folder / "metrics.jsonl", folder / "train_config.json"
     if not metrics.is_file() or not config.is_file():
         return None
-    record = json.loads(metrics.read_text().splitlines()[-1]) if metrics.read_text().strip() else None
-    return record if record and record["epoch"] == json.loads(config.read_text())["loop"]["epochs"] else None
+    records = read_jsonl(metrics)
+    if not records or records[-1]["epoch"] != json.loads(config.read_text())["loop"]["epochs"]:
+        return None
+    return {**records[-1], "train_seconds": round(sum(r["train_seconds"] for r in records), 1)}
 
 
 def run(command: list[str], log: Path) -> None:

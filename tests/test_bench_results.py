@@ -1,5 +1,6 @@
-"""bench/results.py: stored runs whose row changed since they ran are refused, not shown under the new flags."""
+"""bench/results.py: stored runs whose row changed since they ran are refused; a run's time is its whole training."""
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -30,9 +31,11 @@ def test_runs_with_their_rows_command_pass_whatever_the_data_dir():
 
 def test_run_whose_row_changed_is_refused_with_its_line():
     changed = stored("annealed")
-    changed["command"] = changed["command"].replace("--epochs 3 --steps_per_epoch 150", "--epochs 1 --steps_per_epoch 450")
-    with pytest.raises(SystemExit, match=r"runs.jsonl line 2: annealed seed 11711 ran .*--epochs 1 .* but the row now "
-                                         r"runs .*--epochs 3 .*; remove the line and bench/results/runs/annealed/seed11711/"):
+    changed["command"] = changed["command"].replace("--epochs 3 --steps_per_epoch 150",
+                                                    "--epochs 1 --steps_per_epoch 450")
+    with pytest.raises(SystemExit, match=r"runs.jsonl line 2: annealed seed 11711 ran .*--epochs 1 .* but the row "
+                                         r"now runs .*--epochs 3 .*; remove the line and "
+                                         r"bench/results/runs/annealed/seed11711/"):
         results.check_commands([stored("summed"), changed])
 
 
@@ -40,3 +43,13 @@ def test_run_of_a_row_that_no_longer_exists_is_refused():
     gone = dict(stored("summed"), row="summed, old name")
     with pytest.raises(SystemExit, match="line 1: no row is named 'summed, old name' any more"):
         results.check_commands([gone])
+
+
+def test_finished_run_reports_the_whole_runs_training_seconds(tmp_path):
+    """metrics.jsonl counts seconds since the evaluation before; a 3-epoch run's time is the sum of its records."""
+    (tmp_path / "train_config.json").write_text(json.dumps({"loop": {"epochs": 3}}))
+    records = [{"epoch": e, "sst_acc": 0.1 * e, "train_seconds": s} for e, s in ((1, 140.2), (2, 143.6), (3, 152.1))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert results.finished(tmp_path) == {"epoch": 3, "sst_acc": 0.1 * 3, "train_seconds": 435.9}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    assert results.finished(tmp_path) is None  # stopped before its last epoch: resumed, not read back
