@@ -172,8 +172,8 @@ def check_commands(results: list[dict]) -> None:
             continue
         where = f"bench/results/runs.jsonl line {line}"
         if r["row"] not in rows:
-            sys.exit(f"{where}: no row is named {r['row']!r} any more; remove the line (or rename it to the row's "
-                     "new name if its flags did not change)")
+            sys.exit(f"{where}: no row is named {r['row']!r} any more; remove the line (its row runs again under "
+                     "its new name)")
         row, stored = rows[r["row"]], r["command"].split()
         data_dir = stored[stored.index("--data_dir") + 1]
         expected = " ".join(row.command(data_dir, r["seed"], f"bench/results/runs/{row.key}/seed{r['seed']}"))
