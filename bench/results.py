@@ -55,11 +55,15 @@ class Row:
         one_task = any(f"--scheduler {s}" in " ".join(self.flags) for s in ONE_TASK_PER_STEP)
         return EXAMPLES // BATCH // (1 if one_task else 3) // self.epochs
 
-    def command(self, data_dir: str, seed: int, output_dir: str) -> list[str]:
+    def folder(self, seed: int) -> Path:
+        """Where one seed of the row runs, relative to the repository root."""
+        return OUT.relative_to(ROOT) / "runs" / self.key / f"seed{seed}"
+
+    def command(self, data_dir: str, seed: int) -> list[str]:
         model = [] if "--model" in self.flags else ["--model", "minilm"]
         return ["python", "train.py", *model, *self.flags, "--data_dir", data_dir, "--epochs", str(self.epochs),
                 "--steps_per_epoch", str(self.steps()), "--batch_size", str(BATCH), "--lr", f"{self.lr:g}",
-                "--seed", str(seed), "--output_dir", output_dir]
+                "--seed", str(seed), "--output_dir", str(self.folder(seed))]
 
 
 MLM_DIR = "bench/results/runs/mlm/model"
@@ -136,8 +140,8 @@ def run(command: list[str], log: Path) -> None:
 
 def run_row(row: Row, seed: int, data_dir: str) -> dict:
     """Train (or resume, or read back) one seed of a row; returns its figures."""
-    folder = OUT / "runs" / row.key / f"seed{seed}"
-    command = row.command(data_dir, seed, str(folder.relative_to(ROOT)))
+    folder = ROOT / row.folder(seed)
+    command = row.command(data_dir, seed)
     record = finished(folder)
     if record is None:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +154,7 @@ def run_row(row: Row, seed: int, data_dir: str) -> dict:
 
 def run_ensemble(data_dir: str) -> dict:
     """evaluate.py on the best checkpoints of the baseline's seeds together."""
-    members = [str((OUT / "runs" / ROWS[0].key / f"seed{s}" / "best").relative_to(ROOT)) for s in SEEDS]
+    members = [str(ROWS[0].folder(s) / "best") for s in SEEDS]
     command = ["python", "evaluate.py", *members, "--data_dir", data_dir, "--output_dir",
                str((OUT / "runs" / "ensemble").relative_to(ROOT))]
     output = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -176,10 +180,10 @@ def check_commands(results: list[dict]) -> None:
                      "its new name)")
         row, stored = rows[r["row"]], r["command"].split()
         data_dir = stored[stored.index("--data_dir") + 1]
-        expected = " ".join(row.command(data_dir, r["seed"], f"bench/results/runs/{row.key}/seed{r['seed']}"))
+        expected = " ".join(row.command(data_dir, r["seed"]))
         if r["command"] != expected:
             sys.exit(f"{where}: {r['row']} seed {r['seed']} ran `{r['command']}` but the row now runs `{expected}`; "
-                     f"remove the line and bench/results/runs/{row.key}/seed{r['seed']}/ to run it again")
+                     f"remove the line and {row.folder(r['seed'])}/ to run it again")
 
 
 def keep(results: list[dict], result: dict) -> None:
@@ -231,7 +235,7 @@ def write_table(results: list[dict]) -> None:
     for row in [*ROWS, Row("ensemble", ENSEMBLE)]:
         runs = by_row.get(row.name)
         if not runs:
-            command = row.command("../shared/data", SEEDS[0], f"bench/results/runs/{row.key}/seed{SEEDS[0]}")
+            command = row.command("../shared/data", SEEDS[0])
             lines.append(f"| {row.family} | {row.name} | {row.lr:g} | pending | | | | | `{' '.join(command)}` |"
                          if row.name != ENSEMBLE else f"| {row.family} | {row.name} | | pending | | | | | |")
             continue
@@ -294,7 +298,7 @@ def main() -> None:
                     continue
                 write_table(results)
                 if row != ROWS[0]:  # the baseline's checkpoints stay for the ensemble; the others only cost disk
-                    shutil.rmtree(OUT / "runs" / row.key / f"seed{seed}" / "checkpoints", ignore_errors=True)
+                    shutil.rmtree(ROOT / row.folder(seed) / "checkpoints", ignore_errors=True)
         finished_runs = {(r["row"], r["seed"]) for r in results}
         if ENSEMBLE not in {r["row"] for r in results} and all((ROWS[0].name, s) in finished_runs for s in SEEDS):
             keep(results, run_ensemble(args.data_dir))
