@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -49,7 +50,8 @@ class Row:
 
     @property
     def key(self) -> str:
-        return self.name.replace(" ", "_").replace("/", "-").replace(",", "-").replace(":", "-")
+        """The row's folder and --rows name: its name with each comma as - and other non-alphanumerics as _."""
+        return re.sub(r"[^A-Za-z0-9-]+", "_", re.sub(r",\s*", "-", self.name)).strip("_")
 
     def steps(self) -> int:
         one_task = any(f"--scheduler {s}" in " ".join(self.flags) for s in ONE_TASK_PER_STEP)
@@ -58,6 +60,10 @@ class Row:
     def folder(self, seed: int) -> Path:
         """Where one seed of the row runs, relative to the repository root."""
         return OUT.relative_to(ROOT) / "runs" / self.key / f"seed{seed}"
+
+    def log(self, seed: int) -> Path:
+        """train.py's output for one seed, beside its folder (absolute)."""
+        return ROOT / self.folder(seed).with_suffix(".log")
 
     def command(self, data_dir: str, seed: int) -> list[str]:
         model = [] if "--model" in self.flags else ["--model", "minilm"]
@@ -106,7 +112,7 @@ ROWS = [
     Row("adapters", "LoRA r8 fm", ("--lora", "8", "--lora_mode", "fm")),
     Row("adapters", "rsLoRA r8 fm", ("--lora", "8", "--lora_variant", "rslora", "--lora_mode", "fm")),
     Row("adapters", "DoRA r8 fm", ("--lora", "8", "--lora_variant", "dora", "--lora_mode", "fm")),
-    Row("adapters", "LoRA r8 lll, scale α", ("--lora", "8", "--lora_scaling", "alpha"), **LORA),
+    Row("adapters", "LoRA r8 lll, scaling alpha", ("--lora", "8", "--lora_scaling", "alpha"), **LORA),
     Row("adapters", "PALs pal shared V_E/V_D", ("--pals", "pal", "--pals_share_ve_vd")),
     Row("adapters", "PALs pal", ("--pals", "pal")),
     Row("adapters", "PALs lowrank", ("--pals", "lowrank")),
@@ -146,7 +152,7 @@ def run_row(row: Row, seed: int, data_dir: str) -> dict:
     if record is None:
         folder.parent.mkdir(parents=True, exist_ok=True)
         resume = ["--resume"] if (folder / "checkpoint.json").is_file() else ["--overwrite"]
-        run([sys.executable, *command[1:], *resume], folder.parent / f"seed{seed}.log")
+        run([sys.executable, *command[1:], *resume], row.log(seed))
         record = finished(folder)
     return {"row": row.name, "seed": seed, "command": " ".join(command), "train_seconds": record["train_seconds"],
             **{m: record[m] for m in METRICS}}
@@ -277,13 +283,17 @@ def main() -> None:
     p.add_argument("--data_dir", default="../shared/data")
     p.add_argument("--table", action="store_true", help="only rewrite RESULTS.md from runs.jsonl")
     p.add_argument("--rows", default=None, help="comma-separated row keys to run, e.g. summed,PCGrad,GradNorm "
-                   "(a key is the row's name with spaces, commas and colons as _ and -; default: all, in order)")
+                   "(a row's name, each comma as - and other non-alphanumerics as _; default: all, in order)")
     args = p.parse_args()
     results = read_jsonl(OUT / "runs.jsonl")
     check_commands(results)
     if not args.table:
         done = {(r["row"], r["seed"]) for r in results}
-        chosen = [r for r in ROWS if args.rows is None or r.key in args.rows.split(",")]
+        keys = [r.key for r in ROWS]
+        wanted = args.rows.split(",") if args.rows else keys
+        if unknown := [k for k in wanted if k not in keys]:
+            sys.exit(f"bench/results.py: unknown --rows key(s) {', '.join(unknown)}; the keys are: {', '.join(keys)}")
+        chosen = [r for r in ROWS if r.key in wanted]
         for row in chosen:
             for seed in SEEDS:
                 if (row.name, seed) in done:
@@ -294,7 +304,7 @@ def main() -> None:
                 try:
                     keep(results, run_row(row, seed, args.data_dir))
                 except subprocess.CalledProcessError:  # retried on the next start; the table goes on
-                    print(f"{row.name} seed {seed} failed: see {OUT / 'runs' / row.key / f'seed{seed}.log'}")
+                    print(f"{row.name} seed {seed} failed: see {row.log(seed)}")
                     continue
                 write_table(results)
                 if row != ROWS[0]:  # the baseline's checkpoints stay for the ensemble; the others only cost disk

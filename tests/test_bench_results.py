@@ -44,6 +44,22 @@ def test_run_of_a_row_that_no_longer_exists_is_refused():
         results.check_commands([gone])
 
 
+def test_row_keys_are_unique_folder_names():
+    keys = [r.key for r in results.ROWS]
+    assert len(set(keys)) == len(keys)
+    assert all(k and set(k) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for k in keys)
+    named = {r.name: r.key for r in results.ROWS}
+    assert named["sequential sst,para,sts"] == "sequential_sst-para-sts"
+    assert named["sts cosine, rescaled loss"] == "sts_cosine-rescaled_loss"
+    assert named["PALs pal shared V_E/V_D"] == "PALs_pal_shared_V_E_V_D"
+
+
+def test_unknown_rows_key_is_refused_before_anything_runs(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["results.py", "--rows", "summed,PCgrad"])
+    with pytest.raises(SystemExit, match="unknown --rows key.s. PCgrad; the keys are: summed, PCGrad, GradNorm"):
+        results.main()
+
+
 def test_finished_run_reports_the_whole_runs_training_seconds(tmp_path):
     """metrics.jsonl counts seconds since the evaluation before; a 3-epoch run's time is the sum of its records."""
     (tmp_path / "train_config.json").write_text(json.dumps({"loop": {"epochs": 3}}))
