@@ -25,6 +25,7 @@ from scipy.stats import ttest_ind
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
+RUNS = OUT.relative_to(ROOT) / "runs"  # one folder per run, relative to the repository root as commands spell it
 SEEDS = (11711, 11712, 11713)
 BATCH = 32
 EXAMPLES = 14_400  # the budget in training examples: 150 steps of 32 + 32 + 32, or 450 one-task steps of 32
@@ -59,7 +60,7 @@ class Row:
 
     def folder(self, seed: int) -> Path:
         """Where one seed of the row runs, relative to the repository root."""
-        return OUT.relative_to(ROOT) / "runs" / self.key / f"seed{seed}"
+        return RUNS / self.key / f"seed{seed}"
 
     def log(self, seed: int) -> Path:
         """train.py's output for one seed, beside its folder (absolute)."""
@@ -72,7 +73,7 @@ class Row:
                 "--seed", str(seed), "--output_dir", str(self.folder(seed))]
 
 
-MLM_DIR = "bench/results/runs/mlm/model"
+MLM_DIR = str(RUNS / "mlm" / "model")
 LORA = {"lr": 5e-4, "lr_source": "LoRA paper (Hu et al. 2021), RoBERTa-base on GLUE: 4e-4 to 5e-4"}
 ROWS = [
     Row("baseline", "summed"),
@@ -162,7 +163,7 @@ def run_ensemble(data_dir: str) -> dict:
     """evaluate.py on the best checkpoints of the baseline's seeds together."""
     members = [str(ROWS[0].folder(s) / "best") for s in SEEDS]
     command = ["python", "evaluate.py", *members, "--data_dir", data_dir, "--output_dir",
-               str((OUT / "runs" / "ensemble").relative_to(ROOT))]
+               str(RUNS / "ensemble")]
     output = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, check=True)
     metrics = json.loads(output.stdout.strip().splitlines()[-1])
     return {"row": ENSEMBLE, "seed": None, "command": " ".join(command), "train_seconds": 0.0,
@@ -300,7 +301,7 @@ def main() -> None:
                     continue
                 if row.before and not (ROOT / MLM_DIR / "model.safetensors").is_file():
                     run([sys.executable, "train.py", "--data_dir", args.data_dir, *row.before, "--overwrite"],
-                        OUT / "runs" / "mlm.log")
+                        ROOT / RUNS / "mlm.log")
                 try:
                     keep(results, run_row(row, seed, args.data_dir))
                 except subprocess.CalledProcessError:  # retried on the next start; the table goes on

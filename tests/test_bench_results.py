@@ -1,6 +1,7 @@
 """bench/results.py: stored runs whose row changed since they ran are refused; a run's time is its whole training."""
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def test_run_of_a_row_that_no_longer_exists_is_refused():
 def test_row_keys_are_unique_folder_names():
     keys = [r.key for r in results.ROWS]
     assert len(set(keys)) == len(keys)
-    assert all(k and set(k) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for k in keys)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", k) for k in keys)
     named = {r.name: r.key for r in results.ROWS}
     assert named["sequential sst,para,sts"] == "sequential_sst-para-sts"
     assert named["sts cosine, rescaled loss"] == "sts_cosine-rescaled_loss"
