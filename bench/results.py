@@ -249,7 +249,9 @@ def write_table(results: list[dict]) -> None:
         cells = [cell([r[m] for r in runs], None if row.name == ROWS[0].name or base is None else
                       [b[m] for b in base]) for m in METRICS]
         seconds = statistics.mean(r["train_seconds"] for r in runs)
-        lines.append(f"| {row.family} | {row.name} | {row.lr:g} | " + " | ".join(cells)
+        name = row.name if row.name == ENSEMBLE or len(runs) == len(SEEDS) else \
+            f"{row.name} ({len(runs)} of {len(SEEDS)} seeds so far)"
+        lines.append(f"| {row.family} | {name} | {row.lr:g} | " + " | ".join(cells)
                      + f" | {seconds:.0f} | `{runs[0]['command']}` |")
     mlm = next(r for r in ROWS if r.before)
     lines += ["", "Learning rates: " + "; ".join(sorted({f"{r.lr:g}: {r.lr_source}" for r in ROWS})) + ".", "",

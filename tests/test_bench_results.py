@@ -69,3 +69,15 @@ def test_finished_run_reports_the_whole_runs_training_seconds(tmp_path):
     assert results.finished(tmp_path) == {"epoch": 3, "sst_acc": 0.1 * 3, "train_seconds": 435.9}
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
     assert results.finished(tmp_path) is None  # stopped before its last epoch: resumed, not read back
+
+
+def test_row_with_missing_seeds_says_how_many_it_has(tmp_path, monkeypatch):
+    """The table claims 3 seeds per row; a row part-way through names its count instead of passing as complete."""
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    monkeypatch.setattr(results, "OUT", tmp_path)
+    runs = [stored("summed", s) for s in results.SEEDS] + [stored("PCGrad", s) for s in results.SEEDS[:2]]
+    results.write_table(runs)
+    table = {line.split(" | ")[1]: line for line in (tmp_path / "RESULTS.md").read_text().splitlines()
+             if line.startswith("| ") and " | " in line}
+    assert "summed" in table and "PCGrad (2 of 3 seeds so far)" in table and "PCGrad" not in table
+    assert "| GradNorm | 0.0001 | pending |" in table["GradNorm"]
