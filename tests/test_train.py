@@ -68,7 +68,7 @@ def test_train_then_evaluate_writes_checkpoints_logs_and_prediction_files(tiny_m
 
     capsys.readouterr()
     scores = evaluate.main([str(run / "best"), "--data_dir", str(tiny_data_dir), "--output_dir",
-                            str(tmp_path / "pred"), "--plots"])
+                            str(tmp_path / "pred"), "--plots", "--batch_size", "8"])  # training's eval batches
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last_line) == scores
     assert scores == pytest.approx({k: best[k] for k in scores}, abs=1e-9)  # same numbers as in training
@@ -178,7 +178,9 @@ def test_lora_adapter_only_checkpoint_reproduces_scores_and_checks_its_base(tiny
         {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "magnitude")}
     best = max((json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()),
                key=lambda r: r["overall"])
-    scores = evaluate.main([str(run / "best"), "--data_dir", str(tiny_data_dir), "--output_dir", str(tmp_path / "p")])
+    # --batch_size 8 = run_args' --eval_batch_size: the same batches give bit-equal float32 matmuls on any CPU
+    scores = evaluate.main([str(run / "best"), "--data_dir", str(tiny_data_dir), "--output_dir", str(tmp_path / "p"),
+                            "--batch_size", "8"])
     assert scores == pytest.approx({k: best[k] for k in scores}, abs=1e-9)
 
     # the same adapters on other base weights: refused with a clear message
