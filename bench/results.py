@@ -30,6 +30,7 @@ SEEDS = (11711, 11712, 11713)
 BATCH = 32
 EXAMPLES = 14_400  # the budget in training examples: 150 steps of 32 + 32 + 32, or 450 one-task steps of 32
 METRICS = ("sst_acc", "para_acc", "sts_pearson", "overall")
+LABELS = {"sst_acc": "SST acc", "para_acc": "Quora acc", "sts_pearson": "STS r", "overall": "overall"}
 ONE_TASK_PER_STEP = ("random", "round_robin", "proportional", "annealed", "sequential", "random_epoch")
 
 
@@ -208,13 +209,54 @@ def group(runs: list[dict], key: str) -> dict[str, list[dict]]:
     return groups
 
 
+def direction(values: list[float], base: list[float] | None) -> int:
+    """+1 (higher) or -1 (lower) when Welch's t-test against the baseline gives p < 0.05, else 0."""
+    if base is None or len(values) < 2 or len(base) < 2 or values == base:
+        return 0
+    if ttest_ind(values, base, equal_var=False).pvalue >= 0.05:
+        return 0
+    return 1 if statistics.mean(values) > statistics.mean(base) else -1
+
+
 def cell(values: list[float], base: list[float] | None) -> str:
     """mean ± std, with * when Welch's t-test against the baseline gives p < 0.05."""
     text = f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
-    if base is not None and len(values) > 1 and len(base) > 1 and values != base:
-        p = ttest_ind(values, base, equal_var=False).pvalue
-        text += " *" if p < 0.05 else ""
-    return text
+    return text + (" *" if direction(values, base) else "")
+
+
+def what_helps(by_row: dict[str, list[dict]]) -> list[str]:
+    """The table read out, with the same test as its `*` marks: rows better, no different or worse than the summed
+    baseline overall, and rows better on a task but not overall. Rows with fewer than all seeds are left out."""
+    base = by_row.get(ROWS[0].name)
+    rows = [r.name for r in ROWS[1:] if len(by_row.get(r.name, ())) == len(SEEDS)]
+    if base is None or len(base) < len(SEEDS) or not rows:
+        return []
+    mean = {name: {m: statistics.mean(r[m] for r in by_row[name]) for m in METRICS} for name in [ROWS[0].name, *rows]}
+    sign = {name: {m: direction([r[m] for r in by_row[name]], [b[m] for b in base]) for m in METRICS} for name in rows}
+    overall = {d: sorted((n for n in rows if sign[n]["overall"] == d), key=lambda n: -mean[n]["overall"])
+               for d in (1, 0, -1)}
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(f"{n} ({mean[n]['overall']:.3f})" for n in names) or "none"
+
+    tasks = METRICS[:-1]
+    gains = {n: [f"{LABELS[m]} {mean[n][m]:.3f} against {mean[ROWS[0].name][m]:.3f}" for m in tasks if sign[n][m] > 0]
+             for n in rows if sign[n]["overall"] <= 0}
+    one_task = "; ".join(f"{n} ({', '.join(g)})" for n, g in gains.items() if g) or "none"
+    best = max(rows, key=lambda n: mean[n]["overall"])
+    lines = ["## What helps", "",
+             f"Read from the table above with the same test as its `*` (Welch's t-test against summed, p < 0.05, "
+             f"{len(SEEDS)} seeds); summed scores {mean[ROWS[0].name]['overall']:.3f} overall. Figures in brackets are "
+             "overall means unless named. No different means the test found no difference at this number of seeds, "
+             "not that there is none.", "",
+             f"- Better overall: {listed(overall[1])}.",
+             f"- Better on a task, not overall: {one_task}.",
+             f"- No different overall: {listed(overall[0])}.",
+             f"- Worse overall: {listed(overall[-1])}.",
+             f"- Highest overall mean of a single model: {best} ({mean[best]['overall']:.3f})."]
+    if ENSEMBLE in by_row:
+        lines[-1] += f" The {ENSEMBLE} scores {by_row[ENSEMBLE][0]['overall']:.3f} (one evaluation, no spread)."
+    return lines + [""]
 
 
 def write_table(results: list[dict]) -> None:
@@ -236,7 +278,7 @@ def write_table(results: list[dict]) -> None:
         "dropout 0, mean pooling, summed losses). `python bench/results.py --data_dir ../shared/data` runs the "
         "whole table, resuming where it stopped.",
         "",
-        "| family | method | lr | SST acc | Quora acc | STS r | overall | train s | command |",
+        f"| family | method | lr | {' | '.join(LABELS[m] for m in METRICS)} | train s | command |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in [*ROWS, Row("ensemble", ENSEMBLE)]:
@@ -260,7 +302,7 @@ def write_table(results: list[dict]) -> None:
               "together with `evaluate.py` (averaged scores). The sequential rows stop inside the order at this "
               "budget (450 steps of the 1,164 one pass takes), so their last task gets few or no steps: that is "
               "what sequential training costs at a fixed budget.", ""]
-    (ROOT / "RESULTS.md").write_text("\n".join(lines + defaults_section()))
+    (ROOT / "RESULTS.md").write_text("\n".join(lines + what_helps(by_row) + defaults_section()))
 
 
 def defaults_section() -> list[str]:

@@ -81,3 +81,27 @@ def test_row_with_missing_seeds_says_how_many_it_has(tmp_path, monkeypatch):
              if line.startswith("| ") and " | " in line}
     assert "summed" in table and "PCGrad (2 of 3 seeds so far)" in table and "PCGrad" not in table
     assert "| GradNorm | 0.0001 | pending |" in table["GradNorm"]
+
+
+def test_what_helps_sorts_rows_by_the_same_test_as_the_stars(tmp_path, monkeypatch):
+    """Higher / equal / lower overall land in better / no different / worse; a gain on one task only is named."""
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    monkeypatch.setattr(results, "OUT", tmp_path)
+
+    def runs(name, overall, sst=None, seeds=results.SEEDS):
+        return [dict(stored(name, s), overall=o, sst_acc=(sst or overall)[i]) for i, (s, o) in
+                enumerate(zip(seeds, overall))]
+    base = [0.70, 0.71, 0.72]
+    table = (runs("summed", base) + runs("PCGrad", [0.80, 0.81, 0.82]) + runs("GradNorm", [0.71, 0.70, 0.72])
+             + runs("SMART", [0.60, 0.61, 0.62]) + runs("random", base, sst=[0.90, 0.91, 0.92])
+             + runs("cls", [0.99, 0.99], seeds=results.SEEDS[:2]))
+    results.write_table(table)
+    text = (tmp_path / "RESULTS.md").read_text()
+    section = dict(line[2:].split(": ", 1) for line in text.split("## What helps")[1].splitlines()
+                   if line.startswith("- "))
+    assert section["Better overall"] == "PCGrad (0.810)."
+    assert section["No different overall"] == "GradNorm (0.710), random (0.710)."
+    assert section["Worse overall"] == "SMART (0.610)."
+    assert section["Better on a task, not overall"] == "random (SST acc 0.910 against 0.710)."
+    assert "cls" not in text.split("## What helps")[1]  # 2 of 3 seeds: not read out yet
+    assert "| PCGrad | 0.0001 | 0.810 ± 0.010 * |" in text  # the same test marks the table
