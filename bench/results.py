@@ -273,7 +273,9 @@ def write_table(results: list[dict]) -> None:
         "Dev sets are the full CS224N dev files (`../shared/data`, Quora trained on its 22,646-row partial split). "
         f"Each row is {len(SEEDS)} seeds ({', '.join(map(str, SEEDS))}): mean ± standard deviation. "
         "`*` marks a difference from the summed baseline with p < 0.05 in Welch's t-test (scipy). Training time is "
-        "the training loop's seconds per run on 2 CPU cores (mean), without loading and evaluation. The command "
+        "the training loop's seconds per run on 2 CPU cores (mean), without loading and evaluation; the runs were "
+        "spread over sessions on machines up to about 2.4× apart in speed, so it compares rows only roughly. "
+        "The command "
         "reproduces seed 11711; every other option is train.py's default (lr 1e-4 constant, head lr 1e-3, hidden "
         "dropout 0, mean pooling, summed losses). `python bench/results.py --data_dir ../shared/data` runs the "
         "whole table, resuming where it stopped.",
