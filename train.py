@@ -11,21 +11,24 @@ too; their code is in training/mlm.py and training/sweep.py. From Python: train(
 import hashlib
 import sys
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from data import TaskStream, merge_labels
 from heads import MultitaskBert
-from minbert.errors import ConfigError, MinbertError
+from minbert.errors import ConfigError, MinbertError, os_error_hint
 from optim import AdamW, TaskSampler, lr_lambda
 from training.config import TrainConfig, parse_args
+from training.distributed import env_rank
 from training.evaluation import dev_scores, evaluate, lower_is_better
 from training.mlm import pretrain_mlm
 from training.plots import plot_training, pyplot
-from training.session import Session
-from training.state import Progress, TrainState
+from training.session import Session, Terminated
+from training.state import Progress, TrainState, rng_states
 from training.step import MethodState, NonFiniteLoss, train_step
 from training.sweep import run_sweep
 
@@ -95,16 +98,21 @@ def progress_fields(result, methods: MethodState, tasks: list[str], tokens_per_s
 
 def save(session: Session, model: MultitaskBert, state: TrainState, record: dict | None = None) -> bool:
     """Commit a checkpoint set for the current step: weights (with `record`, the dev scores, in their metadata),
-    the training state and the metrics so far. Returns whether it became `best` (the best --best_metric yet)."""
-    p, metric = state.progress, session.cfg.loop.best_metric
-    is_best = record is not None and p.is_better(record[metric], lower_is_better(metric))
-    if record is not None:
-        p.history.append(record)
-        if is_best:
-            p.best_score, p.best_step = record[metric], p.global_step
-    metadata = record or {"epoch": p.epoch, "step": p.global_step}
-    session.run.commit(p.global_step, lambda folder: (model.save(folder, metadata, session.cfg.run.save_adapters_only),
-                                                      state.save(folder)), is_best)
+    the training state with every rank's RNG states, and the metrics so far. Every rank takes part, rank 0 writes.
+    Returns whether it became `best` (the best --best_metric yet)."""
+    p, metric, ranks = state.progress, session.cfg.loop.best_metric, session.rt.ranks
+    rng, is_best = ranks.gather(rng_states()), False
+    with ranks.together():  # a full disk on rank 0 stops every rank
+        if session.run:
+            is_best = record is not None and p.is_better(record[metric], lower_is_better(metric))
+            if record is not None:
+                p.history.append(record)
+                if is_best:
+                    p.best_score, p.best_step = record[metric], p.global_step
+            metadata = record or {"epoch": p.epoch, "step": p.global_step}
+            session.run.commit(p.global_step, lambda folder: (
+                model.save(folder, metadata, session.cfg.run.save_adapters_only), state.save(folder, rng)), is_best)
+    state.saved_step = p.global_step
     return is_best
 
 
@@ -123,20 +131,32 @@ def evaluate_and_save(session: Session, model: MultitaskBert, dev: dict, state: 
                       epoch_end: dict | None = None) -> None:
     """Dev evaluation at the current step, its metrics.jsonl record (with the training seconds and tokens/s since
     the last evaluation, and `epoch_end` facts), and a checkpoint set; then the window restarts."""
-    p, methods = state.progress, state.methods
+    p, methods, record = state.progress, state.methods, None
     seconds = time.perf_counter() - window.started
-    metrics, _ = evaluate(model, dev, session.cfg.loop.eval_batch_size, session.rt.precision)
-    record = {"epoch": p.epoch, "step": p.global_step, **metrics, "train_seconds": round(seconds, 1),
-              "train_tokens_per_s": round(window.tokens / seconds), **(epoch_end or {}),
-              **(methods.gradnorm.log() if methods.gradnorm else {}),
-              **({"loss_scale": methods.scaler.scale_value, "skipped_steps": methods.scaler.skipped}
-                 if methods.scaler.enabled else {})}
+    with session.rt.ranks.together():
+        if session.run:  # rank 0 evaluates
+            metrics, _ = evaluate(model, dev, session.cfg.loop.eval_batch_size, session.rt.precision)
+            record = {"epoch": p.epoch, "step": p.global_step, **metrics, "train_seconds": round(seconds, 1),
+                      "train_tokens_per_s": round(window.tokens / seconds), **(epoch_end or {}),
+                      **(methods.gradnorm.log() if methods.gradnorm else {}),
+                      **({"loss_scale": methods.scaler.scale_value, "skipped_steps": methods.scaler.skipped}
+                         if methods.scaler.enabled else {})}
     is_best = save(session, model, state, record)
-    session.log((f"epoch {p.epoch}: " if epoch_end else f"step {p.global_step} (epoch {p.epoch + 1}): ")
-                + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + (" (best, saved)" if is_best else "")
-                + "".join(f" | {k} {v}" for k, v in (epoch_end or {}).items())
-                + (f" | GradNorm weights {methods.gradnorm.weights.tolist()}" if methods.gradnorm else ""))
+    if record is not None:
+        session.log((f"epoch {p.epoch}: " if epoch_end else f"step {p.global_step} (epoch {p.epoch + 1}): ")
+                    + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + (" (best, saved)" if is_best else "")
+                    + "".join(f" | {k} {v}" for k, v in (epoch_end or {}).items())
+                    + (f" | GradNorm weights {methods.gradnorm.weights.tolist()}" if methods.gradnorm else ""))
     window.restart()
+
+
+def stop_on_sigterm(session: Session, model: MultitaskBert, state: TrainState) -> None:
+    """SIGTERM reached a rank: save the step the run stands at (unless it is saved) and stop every rank."""
+    p = state.progress
+    if state.saved_step != p.global_step:
+        save(session, model, state)
+    where = f"its checkpoint is {Path(session.cfg.run.output_dir) / 'last'}" if p.global_step else "nothing was saved"
+    raise Terminated(f"stopped by SIGTERM after step {p.global_step}; {where}")
 
 
 def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[str] | None, steps: int,
@@ -148,6 +168,8 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
                dynamic_ncols=True, disable=rt.ranks.rank > 0)
     window = Window()
     for step in bar:
+        if rt.ranks.any(session.term.requested):
+            stop_on_sigterm(session, model, state)
         tasks = [plan[step % len(plan)]] if plan else cfg.tasks
         try:
             result = train_step(model, state.optimizer, streams, tasks, cfg, state.methods, rt)
@@ -167,86 +189,104 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
             session.run.log_step({"step": p.global_step, "epoch": epoch + 1, "lr": groups[0]["lr"],
                                   "head_lr": groups[-1]["lr"], "stepped": result.stepped,
                                   **{f"loss_{t}": v for t, v in result.losses.items()}})
-        if session.run and p.step < steps:  # the end of the epoch evaluates and saves anyway
+        if p.step < steps:  # the end of the epoch evaluates and saves anyway
             if cfg.loop.eval_every and p.global_step % cfg.loop.eval_every == 0:
                 evaluate_and_save(session, model, dev, state, window)
             elif cfg.run.save_every and p.global_step % cfg.run.save_every == 0:
                 save(session, model, state)
     bar.close()
     p.epoch, p.step = epoch + 1, 0
-    if session.run:
-        per_task = {t: sum(plan[s % len(plan)] == t for s in range(steps)) if plan else steps for t in cfg.tasks}
-        evaluate_and_save(session, model, dev, state, window, {"steps_per_task": per_task})
+    per_task = {t: sum(plan[s % len(plan)] == t for s in range(steps)) if plan else steps for t in cfg.tasks}
+    evaluate_and_save(session, model, dev, state, window, {"steps_per_task": per_task})
 
 
 def resume(session: Session, model: MultitaskBert, state: TrainState) -> None:
-    """Continue from the last committed checkpoint set: verified, same data, then weights and state restored."""
-    folder = session.run.last()
-    if TrainState.saved_data(folder) != state.data:
-        raise ConfigError(f"--resume, but the training data differs from the run's (rows or ids changed since "
-                          f"{folder} was saved); resume with the same files, or start over with --overwrite")
-    model.load_state_dict(MultitaskBert.from_checkpoint(folder, session.rt.device).state_dict())
-    state.load(folder, session.rt.device)
-    session.run.refresh()  # links and metrics.jsonl as committed (a kill may have landed between)
+    """Continue from the last committed checkpoint set: rank 0 verifies and reads it (same data?), then every rank
+    restores the same weights and state, and its own RNG states."""
+    ranks, saved = session.rt.ranks, None
+    with ranks.together():
+        if session.run:
+            folder = session.run.last()
+            if TrainState.saved_data(folder) != state.data:
+                raise ConfigError(f"--resume, but the training data differs from the run's (rows or ids changed "
+                                  f"since {folder} was saved); resume with the same files, or start over with "
+                                  "--overwrite")
+            model.load_state_dict(MultitaskBert.from_checkpoint(folder, session.rt.device).state_dict())
+            saved = TrainState.read(folder)
+            session.run.refresh()  # links and metrics.jsonl as committed (a kill may have landed between)
+            session.run.drop_steps_after(saved[1]["progress"]["global_step"])
+    ranks.broadcast(model)
+    tensors, meta = ranks.broadcast_object(saved)
+    state.restore(tensors, meta, session.rt.device, ranks.rank)
     p = state.progress
-    session.run.drop_steps_after(p.global_step)
-    session.log(f"resumed from {folder} at epoch {p.epoch + 1}, step {p.step}")
+    if meta.get("ranks", 1) != ranks.world:
+        session.log(f"warning: the run was saved by {meta.get('ranks', 1)} process(es) and continues in "
+                    f"{ranks.world}: it goes on, but not bit-identically (each process draws its own dropout masks)")
+    session.log(f"resumed from {session.run.path / 'last' if session.run else ''} at epoch {p.epoch + 1}, "
+                f"step {p.step}")
 
 
 def finetune(cfg: TrainConfig) -> dict:
-    """Multi-task training of MultitaskBert; returns the best checkpoint's dev metrics."""
+    """Multi-task training of MultitaskBert; returns the best checkpoint's dev metrics (rank 0; {} elsewhere)."""
     # ---- set-up: device, ranks, run folder ---------------------------------------------------------------------
     if cfg.run.plots:
         pyplot()  # a missing matplotlib stops the run now, not after it
-    session = Session.start(cfg, f"fine-tuning on {cfg.model.tasks}")
+    with Session.start(cfg, f"fine-tuning on {cfg.model.tasks}") as session:
+        try:
+            return run_training(cfg, session)
+        except MinbertError as err:
+            with suppress(MinbertError):  # main prints it; the log keeps it unless the disk is full
+                session.log(f"error: {err}", echo=False)
+            raise
+
+
+def run_training(cfg: TrainConfig, session: Session) -> dict:
+    """Model, data, optimizer, (resume), the loop and the summary, in a started session."""
     rt = session.rt
-    try:
-        # ---- model and data ------------------------------------------------------------------------------------
+    # ---- model and data ------------------------------------------------------------------------------------
+    with rt.ranks.together():  # a failed download or a bad file on one rank stops them all
         model = build_model(cfg, session)
         train, dev = load_data(cfg, model, session)
-        rt.ranks.broadcast(model)
-        if cfg.run.compile:
-            model.compile_encoder()
-        torch.manual_seed(cfg.run.seed + rt.ranks.rank)  # the ranks draw different dropout masks
-        streams = {t: TaskStream(train[t], cfg.loop.batch_size, seed=cfg.run.seed + i, bucket=cfg.data.bucket,
-                                 shard=(rt.ranks.rank, rt.ranks.world)) for i, t in enumerate(cfg.tasks)}
-        sampler, steps_per_epoch = task_schedule(cfg, train, streams, session)
+    rt.ranks.broadcast(model)
+    if cfg.run.compile:
+        model.compile_encoder()
+    torch.manual_seed(cfg.run.seed + rt.ranks.rank)  # the ranks draw different dropout masks
+    streams = {t: TaskStream(train[t], cfg.loop.batch_size, seed=cfg.run.seed + i, bucket=cfg.data.bucket,
+                             shard=(rt.ranks.rank, rt.ranks.world)) for i, t in enumerate(cfg.tasks)}
+    sampler, steps_per_epoch = task_schedule(cfg, train, streams, session)
 
-        # ---- optimizer -----------------------------------------------------------------------------------------
-        o = cfg.optim
-        optimizer = AdamW(model.parameter_groups(o.lr, o.head_lr, o.weight_decay), lr=o.lr)
-        total_steps = steps_per_epoch * cfg.loop.epochs
-        lr_sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(o.lr_schedule, o.warmup_steps(total_steps), total_steps))
-        state = TrainState(optimizer, lr_sched, streams, MethodState.create(model, cfg, rt.precision), Progress(),
-                           data_fingerprint(train))
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        session.log(f"{trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters | "
-                    f"{cfg.loop.epochs} epoch(s) x {steps_per_epoch} steps | scheduler {cfg.loop.scheduler}")
-        if cfg.run.resume:
-            resume(session, model, state)
+    # ---- optimizer -----------------------------------------------------------------------------------------
+    o = cfg.optim
+    optimizer = AdamW(model.parameter_groups(o.lr, o.head_lr, o.weight_decay), lr=o.lr)
+    total_steps = steps_per_epoch * cfg.loop.epochs
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(o.lr_schedule, o.warmup_steps(total_steps), total_steps))
+    state = TrainState(optimizer, lr_sched, streams, MethodState.create(model, cfg, rt.precision), Progress(),
+                       data_fingerprint(train))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    session.log(f"{trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters | "
+                f"{cfg.loop.epochs} epoch(s) x {steps_per_epoch} steps | scheduler {cfg.loop.scheduler}")
+    if session.resuming:
+        resume(session, model, state)
 
-        # ---- loop: each epoch ends with a dev evaluation and a checkpoint set ---------------------------------------
-        for epoch in range(state.progress.epoch, cfg.loop.epochs):
-            model.train()
-            plan = sampler.schedule(epoch + 1) if sampler else None
-            train_epoch(session, model, epoch, plan, steps_per_epoch, streams, state, dev)
-        if session.run is None:
-            return {}
+    # ---- loop: each epoch ends with a dev evaluation and a checkpoint set ---------------------------------------
+    session.term.deferred = True  # SIGTERM from here on: the loop saves the step it stands at, then stops
+    for epoch in range(state.progress.epoch, cfg.loop.epochs):
+        model.train()
+        plan = sampler.schedule(epoch + 1) if sampler else None
+        train_epoch(session, model, epoch, plan, steps_per_epoch, streams, state, dev)
+    session.term.deferred = False
+    if session.run is None:
+        return {}
 
-        # ---- summary -------------------------------------------------------------------------------------------
-        p = state.progress
-        best = next(r for r in p.history if r["step"] == p.best_step)
-        session.log(f"best checkpoint: {session.run.path / 'best'} ({cfg.loop.best_metric} {p.best_score:.4f}); "
-                    f"score it with: python evaluate.py {session.run.path / 'best'} --data_dir {cfg.data.data_dir}")
-        if cfg.run.plots:
-            session.log("training curves: " + ", ".join(map(str, plot_training(session.run.path))))
-        return dev_scores(best, cfg.scored_tasks)
-    except MinbertError as err:
-        session.log(f"error: {err}", echo=False)  # main prints it; the log keeps it
-        raise
-    finally:
-        session.close()
+    # ---- summary -------------------------------------------------------------------------------------------
+    p = state.progress
+    best = next(r for r in p.history if r["step"] == p.best_step)
+    session.log(f"best checkpoint: {session.run.path / 'best'} ({cfg.loop.best_metric} {p.best_score:.4f}); "
+                f"score it with: python evaluate.py {session.run.path / 'best'} --data_dir {cfg.data.data_dir}")
+    if cfg.run.plots:
+        session.log("training curves: " + ", ".join(map(str, plot_training(session.run.path))))
+    return dev_scores(best, cfg.scored_tasks)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -258,20 +298,28 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """The command line: a one-line message and exit code 2 for a usage error, 1 for any other stop."""
+    """The command line: a one-line message and exit code 2 for a usage error, 1 for any other stop, 130 after
+    Ctrl-C and 143 after SIGTERM. Under torchrun only rank 0 prints it: an error of another rank reaches rank 0
+    through `together`, and every other one is raised on rank 0 as well."""
     cfg = parse_args(argv, __doc__)
+    again = f"continue with: python train.py ... --output_dir {cfg.run.output_dir} --resume"
+
+    def stop(code: int, message: str):
+        if env_rank() == 0:
+            print(message, file=sys.stderr)
+        raise SystemExit(code)
     try:
         return train(cfg)
     except ConfigError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        stop(2, f"train.py: error: {err}")
     except MinbertError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        stop(1, f"error: {err}")
+    except OSError as err:  # a write that fails outside minbert's own files (a full disk anywhere)
+        stop(1, f"error: {err.filename or 'a file'}: {err.strerror or err}{os_error_hint(err)}")
+    except Terminated as err:
+        stop(143, f"{err}; {again}")
     except KeyboardInterrupt:
-        print(f"interrupted; continue with: python train.py ... --output_dir {cfg.run.output_dir} --resume",
-              file=sys.stderr)
-        raise SystemExit(130) from None
+        stop(130, f"interrupted; {again}")
 
 
 if __name__ == "__main__":

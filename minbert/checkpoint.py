@@ -2,6 +2,7 @@
 place) and read back with errors that name the file."""
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, WriteError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 TMP_SUFFIX = ".tmp"  # temporary files and folders end with this; a killed writer may leave them behind
@@ -36,20 +37,30 @@ def fsync_dir(directory: Path) -> None:
 
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), flush it to disk, then rename it to `path`: readers see the old file or the new one,
-    never half of one, even after a kill or a full disk (the temporary file is removed on any error)."""
+    never half of one, even after a kill or a full disk (the temporary file is removed on any error). A failed
+    write (full disk, file-size limit, permissions) is a WriteError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)  # as a plain open() would create it (some writers use 0600)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise
+        cause = err if isinstance(err, OSError) else rust_os_error(err)
+        if cause is None or isinstance(err, WriteError):
+            raise
+        raise WriteError(path, cause) from None
     fsync_dir(path.parent)
+
+
+def rust_os_error(err: BaseException) -> OSError | None:
+    """The OSError behind an error of a Rust writer (safetensors, tokenizers), which ends in "(os error N)"."""
+    found = re.search(r"\(os error (\d+)\)", str(err)) if isinstance(err, Exception) else None
+    return OSError(int(found[1]), os.strerror(int(found[1]))) if found else None
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -1,9 +1,16 @@
 """torchrun with 2 CPU processes (gloo) gives the same training as 1 process on the same global batches: summed
-losses, PCGrad, GradNorm, SMART and the adapters (DoRA, PALs)."""
+losses, PCGrad, GradNorm, SMART and the adapters (DoRA, PALs); a fault on one rank (kill -9, SIGTERM, an error, a
+file-size limit) stops every rank within seconds with one message, and --resume under torchrun is bit-identical."""
+import json
 import os
+import re
+import resource
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from test_reliability import metrics_lines
+from test_train import assert_same_weights, run_args, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,3 +53,69 @@ def test_two_gloo_processes_match_one(tiny_model_dir, tiny_data_dir, tmp_path, e
         torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4, msg=key)
     log = (tmp_path / "two" / "run.log").read_text()
     assert "x 2 process(es)" in log and log.count("epoch 1:") == 1  # rank 0 alone logs and evaluates
+
+
+def torchrun(script: str, args: list, cwd: Path, env: dict | None = None, fsize: int | None = None):
+    """`torchrun --nproc_per_node 2 SCRIPT ARGS` (2 gloo processes); `fsize` sets a real file-size limit on them
+    (RLIMIT_FSIZE, SIGXFSZ ignored: writes past it fail with EFBIG). A job that hangs fails the test."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    started = time.perf_counter()
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(free_port()), str(ROOT / script), *map(str, args)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})},
+                         cwd=cwd, capture_output=True, text=True, timeout=180, preexec_fn=limit if fsize else None)
+    job.seconds = time.perf_counter() - started
+    return job
+
+
+def our_lines(job) -> list[str]:
+    """What minbert printed to stderr (torchrun adds its own report of the failed processes)."""
+    return [line for line in job.stderr.splitlines() if line.startswith(("error:", "train.py: error:", "stopped"))]
+
+
+@pytest.fixture(scope="module")
+def two_rank_reference(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process run with dropout on (each rank draws its own masks), saved at steps 2, 3, 4, 6."""
+    out = tmp_path_factory.mktemp("two-rank") / "run"
+    job = torchrun("train.py", run_args(tiny_model_dir, tiny_data_dir, out, "--save_every", "2"), out.parent)
+    assert job.returncode == 0, job.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("fault, committed, message", [
+    ("kill-before", 4, r"error: rank 0 lost the other processes of the torchrun job during the \w[\w -]+ \(.*"
+                       r"(closed|reset) by peer.*\); one of them stopped: its message is above"),
+    ("sigterm-before", 5, "stopped by SIGTERM after step 5; its checkpoint is .*/last; continue with: python "
+                          "train.py ... --output_dir .* --resume"),
+])
+def test_a_fault_on_one_rank_stops_the_job_and_resume_under_torchrun_is_bit_identical(
+        two_rank_reference, tiny_model_dir, tiny_data_dir, tmp_path, fault, committed, message):
+    run = tmp_path / "run"
+    args = run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2")
+    job = torchrun("tests/fault_run.py", ["train:train_step", 5, fault, *args], tmp_path, {"FAULT_RANK": "1"})
+    assert job.returncode != 0 and job.seconds < 90, job.stderr[-3000:]  # a rank never waits for a stopped one
+    assert len(our_lines(job)) == 1 and re.fullmatch(message, our_lines(job)[0]), job.stderr[-3000:]
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == committed
+    resumed = torchrun("train.py", [*args, "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(weights(two_rank_reference), weights(run))
+    assert metrics_lines(run) == metrics_lines(two_rank_reference)
+
+
+@pytest.mark.parametrize("extra, fsize, code, message", [
+    (["--resume", "--lr", "1e-4"], None, 2, r"train.py: error: --resume with options that change the run: --lr "
+                                            r"0.0001 \(the run used 0.001\)"),
+    (["--overwrite"], 40_000, 1, r"error: could not save step 2 to .*step-000002: File too large"),  # a full disk
+])
+def test_an_error_on_rank_0_stops_every_rank_with_one_message(two_rank_reference, tiny_model_dir, tiny_data_dir,
+                                                              tmp_path, extra, fsize, code, message):
+    run = tmp_path / "run"
+    shutil.copytree(two_rank_reference, run, symlinks=True)
+    job = torchrun("train.py", [*run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2"), *extra],
+                   tmp_path, fsize=fsize)
+    assert job.returncode != 0 and job.seconds < 90, job.stderr[-3000:]
+    assert len(our_lines(job)) == 1 and re.match(message, our_lines(job)[0]), job.stderr[-3000:]
+    assert re.search(rf"exitcode\s*: {code} ", job.stderr)  # torchrun's report of the ranks' exit codes
+    assert "[rank" not in job.stderr  # no rank died of an uncaught exception (torchrun prefixes their tracebacks)

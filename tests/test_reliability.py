@@ -1,9 +1,13 @@
 """Nothing finished is lost, and every fault is a clear stop: run-folder reuse and locking, checkpoint sets under
-kill -9 (also mid-save) and a full disk, --resume checks, file permissions, and the one-line errors of train.py and
-evaluate.py (exit code 2 for usage errors, 1 for the rest)."""
+kill -9 (also mid-save), SIGTERM, a real full disk and a real file-size limit, tampered run folders, --resume checks,
+file permissions, and the one-line errors of train.py and evaluate.py (exit code 2 for usage errors, 1 for the
+rest). The faults are real: signals sent to a child process, a tmpfs filled up, RLIMIT_FSIZE."""
 import errno
 import json
 import os
+import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +17,6 @@ import pytest
 import torch
 
 import evaluate
-import minbert.checkpoint
 import train
 from test_train import assert_same_weights, exits, run_args, weights, without_timings
 from training.run_dir import RunDir
@@ -42,18 +45,18 @@ def leftovers(run: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("target, n, when, committed", [
-    ("train:train_step", 5, "before", 4),  # in the middle of training
-    ("minbert.checkpoint:save_file", 3, "after", 2),  # mid-save: step 3's weights written, not yet renamed
-    ("training.state:TrainState.save", 3, "after", 3),  # mid-save: step 4's set complete, not yet committed
-    ("training.run_dir:RunDir.refresh", 2, "before", 3),  # just after step 3's commit, before links and metrics
-    ("train:evaluate", 2, "before", 4),  # during the last evaluation
+    ("train:train_step", 5, "kill-before", 4),  # in the middle of training
+    ("minbert.checkpoint:save_file", 3, "kill-after", 2),  # mid-save: step 3's weights written, not yet renamed
+    ("training.state:TrainState.save", 3, "kill-after", 3),  # mid-save: step 4's set complete, not yet committed
+    ("training.run_dir:RunDir.refresh", 2, "kill-before", 3),  # just after step 3's commit, before links and metrics
+    ("train:evaluate", 2, "kill-before", 4),  # during the last evaluation
 ])
 def test_kill_9_anywhere_then_resume_is_bit_identical(reference, tiny_model_dir, tiny_data_dir, tmp_path, target,
                                                       n, when, committed):
     run = tmp_path / "run"
     args = run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_run.py"), target, str(n), when, *args],
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "fault_run.py"), target, str(n), when, *args],
                             env=env, cwd=tmp_path, capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     assert json.loads((run / "checkpoint.json").read_text())["step"] == committed
@@ -64,24 +67,143 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(reference, tiny_model_dir,
     assert leftovers(run) == []
 
 
-def test_full_disk_keeps_the_last_set_and_resume_finishes_the_run(reference, tiny_model_dir, tiny_data_dir, tmp_path,
-                                                                  monkeypatch, capsys):
-    real_save, calls = minbert.checkpoint.save_file, {"n": 0}
+def script(name: str, *args, fsize: int | None = None, env: dict | None = None, cwd=None):
+    """Run tests/NAME or the root script NAME in a child process; `fsize` sets a real file-size limit there
+    (RLIMIT_FSIZE, with SIGXFSZ ignored so a write past it fails with EFBIG, as writes on a full disk fail)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    path = ROOT / "tests" / name if (ROOT / "tests" / name).is_file() else ROOT / name
+    return subprocess.run([sys.executable, str(path), *map(str, args)], env={**os.environ, "PYTHONPATH": str(ROOT),
+                          **(env or {})}, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit if fsize else None)
 
-    def disk_full_at_third_file(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # step 3's weights
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(*args, **kwargs)
-    monkeypatch.setattr(minbert.checkpoint, "save_file", disk_full_at_third_file)
-    run = tmp_path / "run"
+
+def last_line(result) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 16 MiB filesystem (tmpfs) to fill up; skipped where this process may not mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_keeps_the_last_set_and_resume_finishes_the_run(reference, tiny_model_dir, tiny_data_dir,
+                                                                    small_disk):
+    run, filler = small_disk / "run", small_disk / "filler"
     args = run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2")
-    exits(capsys, 1, rf"could not save step 3 to .*step-000003: No space left on device; the last saved "
-                     rf"checkpoint, {run}/checkpoints/step-000002, is intact \(free space", train.main, args)
-    assert leftovers(run) == [] and (run / "last").resolve().name == "step-000002"
-    monkeypatch.undo()
+    full = script("fault_run.py", "minbert.checkpoint:save_file", 3, "fill-disk-before", *args,
+                  env={"FILL_PATH": str(filler)})  # the disk fills just before step 3's weights are written
+    assert full.returncode == 1, full.stderr[-2000:]
+    assert re.fullmatch(rf"error: could not save step 3 to {run}/checkpoints/step-000003: No space left on device "
+                        rf"\(the disk or quota is full: free space, or write somewhere else\); the last saved "
+                        rf"checkpoint, {run}/checkpoints/step-000002, is intact: once that is fixed, continue with "
+                        r"--resume", last_line(full)), full.stderr[-2000:]
+    assert "Traceback" not in full.stderr
+    assert leftovers(run) == [] and (run / "last").resolve().name == "step-000002"  # the failed set is gone at once
+    filler.unlink()
     train.main(args + ["--resume"])
     assert_same_weights(weights(reference), weights(run))
+    assert metrics_lines(run) == metrics_lines(reference)
+
+
+@pytest.mark.parametrize("fsize, message", [
+    (300, r"error: cannot write {run}/train_config.json: File too large"),  # at the start
+    (40_000, r"error: could not save step 2 to {run}/checkpoints/step-000002: File too large \(a file-size limit "
+             r"was reached, see `ulimit -f`: raise it, or write somewhere else\); no checkpoint was saved yet"),
+])
+def test_a_file_size_limit_anywhere_is_a_one_line_error(tiny_model_dir, tiny_data_dir, tmp_path, fsize, message):
+    run = tmp_path / "run"
+    args = run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2")
+    limited = script("train.py", *args, fsize=fsize)
+    assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr[-2000:]
+    assert re.match(message.format(run=run), last_line(limited)), last_line(limited)
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name.startswith("step-")]
+    train.main(args)  # nothing was committed: the folder is reused as it is
+
+
+def test_a_file_size_limit_during_export_is_a_one_line_error(reference, tmp_path):
+    export = tmp_path / "export"
+    limited = script("evaluate.py", reference / "best", "--export", export, fsize=40_000)
+    assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr[-2000:]
+    assert re.fullmatch(rf"error: cannot write {export}/model.safetensors: File too large \(a file-size limit was "
+                        r"reached, see `ulimit -f`: raise it, or write somewhere else\)", last_line(limited))
+    assert not [p for p in export.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_run_killed_in_its_first_save_is_reused_or_resumed(reference, tiny_model_dir, tiny_data_dir, tmp_path):
+    for continued in ("--resume", None):
+        run = tmp_path / f"run{continued}"
+        args = run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2")
+        killed = script("fault_run.py", "minbert.checkpoint:save_file", 1, "kill-after", *args)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert not (run / "checkpoint.json").exists() and list((run / "checkpoints").iterdir())  # a set, uncommitted
+        train.main(args + ([continued] if continued else []))  # starting over is continuing: nothing was committed
+        assert_same_weights(weights(reference), weights(run))
+        assert metrics_lines(run) == metrics_lines(reference)
+
+
+def test_a_sweep_whose_run_was_killed_in_its_first_save_resumes(tiny_model_dir, tiny_data_dir, tmp_path):
+    args = run_args(tiny_model_dir, tiny_data_dir, tmp_path / "sweep", "--epochs", "1", "--sweep", "lr=1e-3,1e-4")
+    killed = script("fault_run.py", "minbert.checkpoint:save_file", 3, "kill-after", *args)  # run 2's first save
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "sweep" / "lr=0.0001" / "seed11711" / "checkpoint.json").exists()
+    train.main(args + ["--resume"])
+    assert len((tmp_path / "sweep" / "summary.csv").read_text().splitlines()) == 1 + 2
+
+
+def test_sigterm_saves_the_step_it_stands_at_and_resume_is_bit_identical(reference, tiny_model_dir, tiny_data_dir,
+                                                                         tmp_path):
+    run = tmp_path / "run"
+    args = run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2")
+    stopped = script("fault_run.py", "train:train_step", 5, "sigterm-before", *args)  # step 5: no save of its own
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert last_line(stopped) == (f"stopped by SIGTERM after step 5; its checkpoint is {run}/last; continue with: "
+                                  f"python train.py ... --output_dir {run} --resume")
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 5
+    train.main(args + ["--resume"])
+    assert_same_weights(weights(reference), weights(run))
+    assert metrics_lines(run) == metrics_lines(reference)
+    # before the loop there is no step to save: SIGTERM stops at once
+    early = script("fault_run.py", "train:load_data", 1, "sigterm-before", *run_args(
+        tiny_model_dir, tiny_data_dir, tmp_path / "early"))
+    assert early.returncode == 143 and last_line(early).startswith("stopped by SIGTERM; continue with:")
+    assert not (tmp_path / "early" / "checkpoint.json").exists()
+
+
+def test_a_tampered_run_folder_is_refused_and_never_followed(reference, tiny_model_dir, tiny_data_dir, tmp_path,
+                                                            capsys):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run, symlinks=True)
+    args = run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2", "--resume")
+    pointer = json.loads((run / "checkpoint.json").read_text())
+    outside = tmp_path / "outside"
+    shutil.copytree(run / pointer["last"], outside / "step-000006")
+    for last in (f"../outside/step-000006", str(outside / "step-000006")):
+        (run / "checkpoint.json").write_text(json.dumps({**pointer, "last": last}))
+        exits(capsys, 1, rf"checkpoint.json: 'last' is '{re.escape(last)}', not a set of this run "
+                         r"\(checkpoints/step-NNNNNN\); the file was edited or damaged", train.main, args)
+    (run / "checkpoint.json").write_text(json.dumps(pointer))
+    manifest = run / pointer["last"] / "manifest.json"
+    entries = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({"../../outside/step-000006/config.json": entries["config.json"], **entries}))
+    exits(capsys, 1, "is incomplete: ../../outside/step-000006/config.json is missing", train.main, args)
+    # checkpoints/ replaced by a link: refused, and nothing behind the link is deleted
+    target = tmp_path / "elsewhere"
+    (target / "step-000001").mkdir(parents=True)
+    (target / ".keep.tmp").write_text("mine")
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").symlink_to(target)
+    exits(capsys, 1, rf"{run}/checkpoints is a link; minbert keeps a run's checkpoint sets in a real folder",
+          train.main, args)
+    assert sorted(p.name for p in target.iterdir()) == [".keep.tmp", "step-000001"]
 
 
 def test_reusing_an_output_folder_needs_resume_or_overwrite(reference, tiny_model_dir, tiny_data_dir, tmp_path,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -120,7 +121,8 @@ def pretrain_mlm(cfg: TrainConfig) -> dict:
         session.log(f"fine-tune it with: python train.py --model {run_dir} --data_dir {cfg.data.data_dir}")
         return history[-1]
     except MinbertError as err:
-        session.log(f"error: {err}", echo=False)
+        with suppress(MinbertError):  # the log keeps it unless the disk is full
+            session.log(f"error: {err}", echo=False)
         raise
     finally:
         session.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from data import TASKS, EncodedTask
+from minbert.checkpoint import atomic_write
 from minbert.errors import ConfigError
 
 
@@ -91,9 +92,10 @@ def plot_predictions(dev: dict[str, EncodedTask], predictions: dict, directory: 
 
 
 def save(fig, path: Path) -> Path:
-    """Write a figure as PNG and free it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a figure as PNG (atomically) and free it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        pyplot().close(fig)
     return path

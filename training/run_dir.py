@@ -13,18 +13,20 @@
 
 A set is written under a temporary name, flushed and renamed, and only then does the pointer move, so a kill or a
 full disk at any moment leaves the old set or the new one. Sets the pointer does not name, and temporary files, are
-removed when the next process opens the folder.
+removed when the next process opens the folder. The pointer may only name sets in the run's own checkpoints/, which
+must be a real folder, and cleanup never follows a link.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from minbert.checkpoint import TMP_SUFFIX, atomic_write, fsync_dir, read_json, save_json, temporary_name
-from minbert.errors import CheckpointError, ConfigError, RunError
+from minbert.errors import CheckpointError, ConfigError, RunError, WriteError, os_error_hint
 
 try:
     import fcntl
@@ -43,6 +45,8 @@ STEPS = "steps.jsonl"
 RUN_RESULTS = (POINTER, CHECKPOINTS, *LINKS, "metrics.jsonl",
                "train_state.json", "train_state.safetensors")  # these two: the layout before checkpoint sets
 RUN_LOGS = ("train_config.json", "run.log", STEPS, "plots")
+OPTIONS = "train_config.json"
+SET_NAME = re.compile(rf"{CHECKPOINTS}/step-\d{{6,}}")  # what the pointer may name
 
 
 def file_digest(path: Path) -> str:
@@ -64,7 +68,7 @@ def verify_manifest(folder: Path) -> None:
     manifest = read_json(folder / MANIFEST)
     for name, expected in manifest.items():
         path = folder / name
-        if not path.is_file():
+        if Path(name).name != name or not path.is_file() or path.is_symlink():
             raise CheckpointError(f"minbert: checkpoint set {folder} is incomplete: {name} is missing")
         if path.stat().st_size != expected["bytes"] or file_digest(path) != expected["sha256"]:
             raise CheckpointError(f"minbert: checkpoint set {folder} is damaged: {name} differs from its manifest "
@@ -72,8 +76,20 @@ def verify_manifest(folder: Path) -> None:
 
 
 def saved_results(path: Path, extra_files=()) -> list[str]:
-    """The names in `path` that hold a run's results (none: no run, or one that stopped before saving anything)."""
-    return [name for name in dict.fromkeys((*RUN_RESULTS, *extra_files)) if os.path.lexists(Path(path) / name)]
+    """The names in `path` that hold a run's results (none: no run, or one that stopped before its first commit,
+    whose checkpoints/ then holds at most an uncommitted set)."""
+    path = Path(path)
+    ignored = () if os.path.lexists(path / POINTER) else (CHECKPOINTS,)
+    return [name for name in dict.fromkeys((*RUN_RESULTS, *extra_files))
+            if name not in ignored and os.path.lexists(path / name)]
+
+
+def remove(entry: Path) -> None:
+    """Delete a file, a link (never what it points to) or a folder."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink(missing_ok=True)
 
 
 class RunDir:
@@ -86,28 +102,30 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path, resume: bool = False, overwrite: bool = False, extra_files=()) -> RunDir:
-        """Lock the folder for this process, then: with `resume`, check that it holds a run to continue; with
-        `overwrite`, delete the run it holds; otherwise refuse a folder that holds a run. `extra_files` are further
-        names the run writes (masked-LM pre-training writes a model there)."""
+        """Lock the folder for this process, then: with `resume`, check that a run was started there (whether it
+        committed a set says `pointer()`); with `overwrite`, delete the run it holds; otherwise refuse a folder that
+        holds a run. `extra_files` are further names the run writes (masked-LM pre-training writes a model there)."""
         path, run = Path(path), None
         try:
             path.mkdir(parents=True, exist_ok=True)
             run = cls(path, cls._lock(path))
-            results = saved_results(path, extra_files)
-            if resume and not (path / POINTER).is_file():
-                old = "" if not (path / "train_state.json").is_file() else \
-                    " (it was written by an older minbert, whose runs cannot be continued: start over with --overwrite)"
-                raise ConfigError(f"--resume, but {path} holds no saved checkpoint to continue{old}")
+            if (path / CHECKPOINTS).is_symlink():
+                raise RunError(f"{path / CHECKPOINTS} is a link; minbert keeps a run's checkpoint sets in a real "
+                               "folder inside the run folder: remove the link (what it points to is not touched), or "
+                               "choose another --output_dir")
+            results, committed = saved_results(path, extra_files), (path / POINTER).is_file()
+            if resume and not committed and (results or not (path / OPTIONS).is_file()):
+                why = "it was written by an older minbert, whose runs cannot be continued: start over with " \
+                      "--overwrite" if (path / "train_state.json").is_file() else \
+                    f"its {POINTER} is missing: restore it, or start over with --overwrite" if results else \
+                    "no run was started there: check --output_dir, or drop --resume"
+                raise ConfigError(f"--resume, but {path} holds no saved checkpoint to continue ({why})")
             if results and not (resume or overwrite):
                 raise ConfigError(f"{path} already holds a run ({', '.join(results[:3])}): add --resume to continue "
                                   "it, --overwrite to delete it and start over, or choose another --output_dir")
-            if not resume:
+            if not (resume and committed):  # a new run, or one that never committed a set: start afresh
                 for name in (*results, *RUN_LOGS):
-                    target = path / name
-                    if target.is_dir() and not target.is_symlink():
-                        shutil.rmtree(target)
-                    elif os.path.lexists(target):
-                        target.unlink()
+                    remove(path / name)
             run._remove_stale()
             return run
         except BaseException as err:
@@ -143,26 +161,35 @@ class RunDir:
 
     def _remove_stale(self) -> None:
         """Temporary files of killed writers, and sets the pointer does not name (a save killed before its commit)."""
-        pointer = self.pointer()
-        keep = {Path(p).name for p in (pointer or {}).values() if isinstance(p, str) and p.startswith(CHECKPOINTS)}
-        for folder in (self.path, self.path / CHECKPOINTS):
-            for entry in folder.glob(f".*{TMP_SUFFIX}") if folder.is_dir() else []:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        for entry in (self.path / CHECKPOINTS).glob("step-*") if (self.path / CHECKPOINTS).is_dir() else []:
-            if entry.name not in keep:
-                shutil.rmtree(entry)
+        keep = {Path(p).name for p in (self.pointer() or {}).values() if isinstance(p, str) and SET_NAME.fullmatch(p)}
+        checkpoints = self.path / CHECKPOINTS
+        for entry in [*self.path.glob(f".*{TMP_SUFFIX}"), *checkpoints.glob(f".*{TMP_SUFFIX}"),
+                      *(e for e in checkpoints.glob("step-*") if e.name not in keep)]:
+            remove(entry)
 
     # ---- the committed state ------------------------------------------------------------------------------------
 
     def pointer(self) -> dict | None:
-        """The committed pointer ({"last": "checkpoints/step-...", "best": ... or None, ...}), None before the first."""
-        return read_json(self.path / POINTER) if (self.path / POINTER).is_file() else None
+        """The committed pointer ({"last": "checkpoints/step-...", "best": ... or None, ...}), None before the first;
+        one naming anything but a set of this run's checkpoints/ is refused."""
+        if not (self.path / POINTER).is_file():
+            return None
+        pointer = read_json(self.path / POINTER)
+        if pointer.get("format") != FORMAT:
+            raise CheckpointError(f"minbert: {self.path / POINTER} is not a {FORMAT} pointer")
+        for key in ("last", "best"):
+            value = pointer.get(key)
+            if not (value is None and key == "best" or isinstance(value, str) and SET_NAME.fullmatch(value)):
+                raise CheckpointError(f"minbert: {self.path / POINTER}: {key!r} is {value!r}, not a set of this run "
+                                      f"({CHECKPOINTS}/step-NNNNNN); the file was edited or damaged: restore it, "
+                                      "or start over with --overwrite")
+        return pointer
 
     def last(self) -> Path:
         """The last committed set, verified against its manifest (and the best set with it)."""
         pointer = self.pointer()
-        if pointer is None or pointer.get("format") != FORMAT:
-            raise CheckpointError(f"minbert: {self.path / POINTER} is not a {FORMAT} pointer")
+        if pointer is None:
+            raise CheckpointError(f"minbert: {self.path} holds no committed checkpoint set")
         for name in {pointer["last"], pointer.get("best") or pointer["last"]}:
             verify_manifest(self.path / name)
         return self.path / pointer["last"]
@@ -188,11 +215,17 @@ class RunDir:
             save_json({"format": FORMAT, "last": name, "best": best, "step": step}, self.path / POINTER)  # commit
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if (self.pointer() or {}).get("last") != name:  # renamed but not committed: no use to anyone
+                shutil.rmtree(final, ignore_errors=True)
             kept = f"the last saved checkpoint, {self.path / pointer['last']}, is intact" if pointer else \
                 "no checkpoint was saved yet"
-            raise RunError(f"could not save step {step} to {final}: {err.strerror or err}; {kept} (free space or "
-                           "fix the folder's permissions, then continue with --resume)") from None
-        self.refresh()
+            raise RunError(f"could not save step {step} to {final}: {err.strerror or err}{os_error_hint(err)}; "
+                           f"{kept}: once that is fixed, continue with --resume") from None
+        try:
+            self.refresh()
+        except OSError as err:  # committed: only the links and metrics.jsonl lag, and the next open redoes them
+            raise RunError(f"step {step} was saved to {final}, but {err.filename or self.path} could not be "
+                           f"updated: {err.strerror or err}{os_error_hint(err)}; continue with --resume") from None
         return final
 
     def refresh(self) -> None:
@@ -212,6 +245,10 @@ class RunDir:
         self._remove_stale()
 
     # ---- log and options --------------------------------------------------------------------------------------
+
+    def write_options(self, options: dict) -> None:
+        """train_config.json: the run's options (what --resume compares against)."""
+        save_json(options, self.path / OPTIONS)
 
     def log(self, message: str, echo: bool = True) -> None:
         """Append to run.log, and print unless `echo` is False."""
@@ -235,4 +272,4 @@ class RunDir:
             with open(self.path / name, "a") as f:
                 f.write(line + "\n")
         except OSError as err:
-            raise RunError(f"cannot write {self.path / name}: {err.strerror or err}") from None
+            raise WriteError(self.path / name, err) from None

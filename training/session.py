@@ -1,13 +1,15 @@
 """The set-up every training program shares (fine-tuning, masked-LM pre-training): device and precision, the
 torchrun ranks, the run folder (locked; refused when it holds a run, unless --resume or --overwrite), the options
-file and the first log line."""
+file, the first log line and SIGTERM. Use it as `with Session.start(cfg, what) as session:`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import signal
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
-from minbert.checkpoint import read_json, save_json
+from minbert.checkpoint import read_json
 from minbert.errors import CheckpointError, ConfigError
 from minbert.loading import default_model
 from minbert.runtime import resolve_device, resolve_precision
@@ -22,34 +24,68 @@ RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "device", "use_gpu", "
                      "save_every", "data_dir", "strict", "plots", "sweep", "seeds", *FILE_FLAGS}
 
 
+class Terminated(BaseException):
+    """SIGTERM stopped the run (the command line exits with 143); like KeyboardInterrupt, not an error."""
+
+
+class TermSignal:
+    """SIGTERM while a session is open. Outside the training loop it stops at once (Terminated); inside it
+    (`deferred`), the first one only sets `requested`, so the loop can save the step it is in, and a second one
+    stops at once."""
+
+    def __init__(self):
+        self.requested, self.deferred, self._previous = False, False, None
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.deferred and not self.requested:
+            self.requested = True
+            return
+        raise Terminated("stopped by SIGTERM")
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 @dataclass
 class Session:
-    """A started run: options, where it computes (`rt`), and its folder (`run`, rank 0 only)."""
+    """A started run: options, where it computes (`rt`), its folder (`run`, rank 0 only), whether it continues a
+    committed checkpoint set (`resuming`, the same on every rank) and SIGTERM."""
 
     cfg: TrainConfig
     rt: Runtime
-    run: RunDir | None
+    run: RunDir | None = None
+    resuming: bool = False
+    term: TermSignal = field(default_factory=TermSignal)
 
     @classmethod
     def start(cls, cfg: TrainConfig, what: str, extra_files: tuple[str, ...] = ()) -> Session:
-        """Resolve device, precision and --model, join the torchrun job, open the run folder and log `what`."""
-        device = resolve_device(cfg.run.device)
-        ranks = GradientAllReduce.from_env(device)
-        device = ranks.local_device(device)
+        """Resolve device, precision and --model, join the torchrun job, open the run folder (rank 0; an error there
+        stops every rank) and log `what`."""
+        ranks = GradientAllReduce.from_env(resolve_device(cfg.run.device))
         cfg.model.model = cfg.model.model or default_model()
-        session = cls(cfg, Runtime(device, resolve_precision(device, cfg.run.amp), ranks), None)
-        if ranks.rank == 0:
-            session.run = RunDir.open(cfg.run.output_dir, cfg.run.resume, cfg.run.overwrite, extra_files)
-            try:
-                if cfg.run.resume:
-                    refuse_changed_options(session.run, cfg)
-                save_json(cfg.to_dict(), session.run.path / "train_config.json")
-            except BaseException:
-                session.close()
-                raise
+        session = cls(cfg, Runtime(ranks.device, resolve_precision(ranks.device, cfg.run.amp), ranks))
+        try:
+            with ranks.together():
+                if ranks.rank == 0:
+                    session.run = RunDir.open(cfg.run.output_dir, cfg.run.resume, cfg.run.overwrite, extra_files)
+                    session.resuming = cfg.run.resume and session.run.pointer() is not None
+                    if session.resuming:
+                        refuse_changed_options(session.run, cfg)
+                    elif cfg.run.resume:
+                        session.log(f"{cfg.run.output_dir} holds no committed checkpoint (the run stopped before its "
+                                    "first save): starting it from the beginning")
+                    session.run.write_options(cfg.to_dict())
+            session.resuming = ranks.broadcast_object(session.resuming)
+        except BaseException:
+            session.close(failed=True)
+            raise
         torch.manual_seed(cfg.run.seed)
         precision = {"fp32": "", "bf16": " (bf16 autocast)", "fp16": " (fp16 autocast, gradient scaling)"}
-        session.log(f"{what} | model {cfg.model.model} | device {device}{precision[session.rt.precision]} x "
+        session.log(f"{what} | model {cfg.model.model} | device {ranks.device}{precision[session.rt.precision]} x "
                     f"{ranks.world} process(es) | output {cfg.run.output_dir}")
         return session
 
@@ -58,10 +94,20 @@ class Session:
         if self.run is not None:
             self.run.log(message, echo)
 
-    def close(self) -> None:
-        self.rt.ranks.close()
-        if self.run is not None:
-            self.run.close()
+    def close(self, failed: bool = False) -> None:
+        """Leave the torchrun job (at once when `failed`), release the run folder and SIGTERM."""
+        self.term.restore()
+        try:
+            self.rt.ranks.close(failed)
+        finally:
+            if self.run is not None:
+                self.run.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.close(failed=kind is not None)
 
 
 def refuse_changed_options(run: RunDir, cfg: TrainConfig) -> None:

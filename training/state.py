@@ -42,15 +42,18 @@ class TrainState:
     methods: MethodState
     progress: Progress
     data: dict
+    saved_step: int = 0  # the last step committed as a set (step 0, before training, needs none); not saved
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, rng: list[dict] | None = None) -> None:
+        """train_state.safetensors and train_state.json; `rng` is every rank's `rng_states()` in rank order (each
+        rank draws its own dropout masks), this process's alone by default."""
         opt = self.optimizer.state_dict()
-        tensors = {**flatten_optimizer("opt", opt), "rng.cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        tensors = flatten_optimizer("opt", opt)
+        for rank, states in enumerate(rng or [rng_states()]):
+            tensors.update({key + ("" if rank == 0 else f".rank{rank}"): v for key, v in states.items()})
         meta = {"format": STATE_FORMAT, "progress": asdict(self.progress), "data": self.data,
                 "param_groups": opt["param_groups"], "lr_scheduler": self.lr_scheduler.state_dict(),
-                "streams": {t: s.state_dict() for t, s in self.streams.items()}}
+                "streams": {t: s.state_dict() for t, s in self.streams.items()}, "ranks": len(rng or [None])}
         m = self.methods
         meta["loss_scaler"] = m.scaler.state_dict()
         if m.gradnorm:
@@ -66,12 +69,17 @@ class TrainState:
         save_tensors(tensors, folder / "train_state.safetensors")
         save_json(meta, folder / "train_state.json")
 
-    def load(self, folder: Path, device: torch.device) -> None:
-        """Restore what `save` wrote into the live objects (the weights are loaded separately)."""
+    @staticmethod
+    def read(folder: Path) -> tuple[dict, dict]:
+        """(tensors, meta) of a set's train_state files, for `restore` (on every rank: rank 0 reads, then sends)."""
         meta = read_json(folder / "train_state.json")
         if meta.get("format") != STATE_FORMAT:
             raise CheckpointError(f"minbert: {folder / 'train_state.json'} is not a {STATE_FORMAT} file")
-        tensors, _ = read_tensors(folder / "train_state.safetensors")
+        return read_tensors(folder / "train_state.safetensors")[0], meta
+
+    def restore(self, tensors: dict, meta: dict, device: torch.device, rank: int = 0) -> None:
+        """Put what `save` wrote into the live objects (the weights are loaded separately); `rank` picks the RNG
+        states (a rank the set has none for keeps its own)."""
         self.optimizer.load_state_dict(unflatten_optimizer("opt", tensors, meta["param_groups"], device))
         self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
         for task, stream in self.streams.items():
@@ -87,14 +95,23 @@ class TrainState:
                                              if k.startswith("teacher.")})
         if m.pcgrad_generator:
             m.pcgrad_generator.set_state(tensors["rng.pcgrad"])
-        torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        suffix = "" if rank == 0 else f".rank{rank}"
+        if "rng.cpu" + suffix in tensors:
+            torch.set_rng_state(tensors["rng.cpu" + suffix])
+        if "rng.cuda" + suffix in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda" + suffix])
         self.progress = Progress(**meta["progress"])
+        self.saved_step = self.progress.global_step
 
     @staticmethod
     def saved_data(folder: Path) -> dict:
         return read_json(folder / "train_state.json")["data"]
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states: what its dropout masks and SMART's noise are drawn from."""
+    return {"rng.cpu": torch.get_rng_state(), **({"rng.cuda": torch.cuda.get_rng_state()}
+                                                  if torch.cuda.is_available() else {})}
 
 
 def flatten_optimizer(prefix: str, state_dict: dict) -> dict:
