@@ -91,6 +91,7 @@ def resolve_model_dir(name_or_path: str, revision: str = "main", needs: tuple[st
         raise CheckpointError(f"minbert: model {name!r} not found: no directory {path.absolute()}; "
                               "pass a checkpoint directory, a Hub model name or 'minilm'")
     from . import hub  # hub.py imports this module
+    hub.check_revision(name, revision)  # before refs/<revision> is read or written
     snapshot = cached_snapshot(name, revision)
     if snapshot is not None and (holds_any(snapshot, needs) or hub.offline()):
         return snapshot
