@@ -11,6 +11,11 @@ from minbert.errors import MinbertError
 
 from .tasks import Task, get_task
 
+# Characters a field may hold. The csv module's default, 131072, refuses long reviews; a field over 16 Mi characters
+# is lines run together, a broken row. The limit is process-wide: importing this module raises it, never lowers it.
+FIELD_LIMIT = 2**24
+csv.field_size_limit(max(csv.field_size_limit(), FIELD_LIMIT))
+
 
 class DataError(MinbertError, ValueError):
     """A problem with a data file; the message is one line naming file, line, problem and fix."""
@@ -38,12 +43,34 @@ class TaskDataset:
 
 def _decoded_lines(path: Path):
     """Yield the file's lines decoded one by one, so a bad byte is reported with its line number."""
-    for number, raw in enumerate(path.read_bytes().splitlines(keepends=True), start=1):
+    try:
+        content = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path.name}: cannot read {path.resolve()} ({err.strerror}); check its permissions") from None
+    for number, raw in enumerate(content.splitlines(keepends=True), start=1):
         try:
             yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as err:
             raise DataError(f"{path.name} line {number}: byte 0x{raw[err.start]:02x} at column {err.start + 1} "
                             f"is not valid UTF-8 (re-save the file as UTF-8)") from None
+
+
+def _refused(err: csv.Error) -> str:
+    """What a line the csv module refuses (a field over FIELD_LIMIT) means."""
+    return f"{err}; are lines run together? check the line breaks"
+
+
+def _rows(reader: csv.DictReader):
+    """(line, row) for each row; a row the csv module refuses comes as (line, ValueError), and reading goes on with
+    the next line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            row = ValueError(_refused(err))
+        yield reader.reader.line_num, row  # the underlying reader's count: DictReader's misses a refused row
 
 
 def read_task(path: str | Path, spec: Task | str, labeled: bool = True, strict: bool = False,
@@ -52,11 +79,17 @@ def read_task(path: str | Path, spec: Task | str, labeled: bool = True, strict: 
     (dev and test files, whose predictions are keyed by id) a repeated id is always an error."""
     spec = get_task(spec) if isinstance(spec, str) else spec
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path.name}: {path.resolve()} is a folder, not a data file (pass the file, or the folder "
+                        "holding the task files as --data_dir)")
     if not path.is_file():
         raise DataError(f"{path.name}: file not found (looked for {path.resolve()}; "
                         f"pass --data_dir pointing at the folder holding the task files)")
     reader = csv.DictReader(_decoded_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
-    found = reader.fieldnames or []
+    try:
+        found = reader.fieldnames or []
+    except csv.Error as err:
+        raise DataError(f"{path.name} line 1 (the header): {_refused(err)}") from None
     wanted = ["id", *spec.text_columns] + ([spec.label_column] if labeled else [])
     missing = [c for c in wanted if c not in found]
     if missing:
@@ -64,8 +97,10 @@ def read_task(path: str | Path, spec: Task | str, labeled: bool = True, strict: 
                         f"(found {', '.join(map(repr, found))}; check the header or that this is a {spec.name} file)")
     data = TaskDataset(spec, path, pairs=[] if spec.is_pair else None, labels=[] if labeled else None)
     first_line = {}  # id -> line of its first row
-    for row in reader:
+    for line, row in _rows(reader):
         try:
+            if isinstance(row, ValueError):
+                raise row
             if row.get(None):  # DictReader files the cells beyond the header's under None
                 raise ValueError(f"{len(row[None])} more field(s) than the header's {len(found)} (a stray tab?)")
             if not (row["id"] or "").strip():
@@ -76,16 +111,16 @@ def read_task(path: str | Path, spec: Task | str, labeled: bool = True, strict: 
                     raise ValueError(f"empty sentence in column '{column}'")
             label = spec.parse_label(row[spec.label_column] or "") if labeled else None
         except ValueError as err:
-            message = f"{path.name} line {reader.line_num}: {err} (fix the row, or run without --strict to skip it)"
+            message = f"{path.name} line {line}: {err} (fix the row, or run without --strict to skip it)"
             if strict:
                 raise DataError(message) from None
             data.skipped.append(message)
             continue
         row_id = row["id"].strip()
         if unique_ids and row_id in first_line:
-            raise DataError(f"{path.name} line {reader.line_num}: id {row_id!r} already used on line "
+            raise DataError(f"{path.name} line {line}: id {row_id!r} already used on line "
                             f"{first_line[row_id]} (predictions are keyed by id: make the ids unique)")
-        first_line.setdefault(row_id, reader.line_num)
+        first_line.setdefault(row_id, line)
         data.ids.append(row_id)
         data.texts.append(texts[0])
         if data.pairs is not None:

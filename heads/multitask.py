@@ -12,11 +12,11 @@ from tqdm.auto import tqdm
 
 from data import TASKS, EncodedTask, TaskDataset, encode_dataset, eval_batches
 from data.tasks import Objective
-from minbert import BertConfig, BertModel, CheckpointError, Tokenizer
+from minbert import BertModel, CheckpointError, Tokenizer
 from minbert.bilstm import BiLSTMConfig, BiLSTMEncoder
 from minbert.checkpoint import PICKLE_SUFFIXES, read_json, read_tensors, save_json, save_tensors
 from minbert.errors import ConfigError
-from minbert.loading import default_model, load_checked
+from minbert.loading import checked_config, default_model, load_checked
 from minbert.lora import ADAPTER_PARAMS, LoRAConfig
 from minbert.pals import PALs, PALsConfig
 from minbert.runtime import autocast, resolve_precision
@@ -342,6 +342,7 @@ class MultitaskBert(nn.Module):
             raise CheckpointError(f"minbert: {path / 'config.json'} is not a {FORMAT} checkpoint config "
                                   "(a plain BERT checkpoint goes to train.py --model instead)")
         legacy = config["format"] == LEGACY_FORMAT
+        saved, _ = read_tensors(path / "model.safetensors", device)
         try:
             head_fields = {**({"stream_activation": "relu"} if legacy else {}), **config["heads"]}
             heads, lora = HeadConfig(**head_fields), config.get("lora") and LoRAConfig.from_dict(config["lora"])
@@ -351,7 +352,8 @@ class MultitaskBert(nn.Module):
                             config["base_model"], lora, pals)
             else:
                 encoder = BiLSTMEncoder(BiLSTMConfig.from_dict(config["bert"])) \
-                    if config.get("encoder") == "bilstm" else BertModel(BertConfig.from_dict(config["bert"]))
+                    if config.get("encoder") == "bilstm" else BertModel(
+                        checked_config(config["bert"], path / "config.json", saved, path / "model.safetensors"))
                 model = cls(encoder, heads, Tokenizer.from_pretrained(path), config["base_model"], lora, pals,
                             config.get("base_fingerprint"))
         except (KeyError, TypeError, ValueError) as err:
@@ -364,7 +366,6 @@ class MultitaskBert(nn.Module):
                 f"minbert: {path} holds adapters trained on base model {config['base_model']!r} (weights "
                 f"{config['base_fingerprint'][:12]}), but that name now gives other weights "
                 f"({model.base_fingerprint[:12]}); load it on the base model it was trained on")
-        saved, _ = read_tensors(path / "model.safetensors", device)
         if legacy:
             saved = legacy_head_keys(saved)
         if config.get("adapters_only"):

@@ -1,10 +1,13 @@
 """Model configuration: Hugging Face `BertConfig` field names and bert-base defaults."""
 import dataclasses
-import json
+import math
 import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from .checkpoint import read_json
+from .errors import CheckpointError
 
 
 class DictConfig:
@@ -63,19 +66,44 @@ class BertConfig(DictConfig):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
                              f"num_attention_heads {self.num_attention_heads}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be between 0 and vocab_size - 1 = {self.vocab_size - 1}, "
+                             f"got {self.pad_token_id}")
+        for name, high in (("hidden_dropout_prob", 1), ("attention_probs_dropout_prob", 1),
+                           ("initializer_range", math.inf), ("layer_norm_eps", math.inf)):
+            if not 0 <= getattr(self, name) <= high:  # also refuses NaN
+                raise ValueError(f"{name} must be in [0, {high}], got {getattr(self, name)}")
+        from .layers import ACTIVATIONS  # layers.py imports this module
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
 
+    def num_parameters(self, pooler: bool = True) -> int:
+        """The parameters of a BertModel with this config, counted without building it."""
+        H, I = self.hidden_size, self.intermediate_size
+        embeddings = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size + 2) * H
+        layer = 4 * (H * H + H) + (H * I + I) + (I * H + H) + 4 * H  # attention, feed-forward, two LayerNorms
+        return embeddings + self.num_hidden_layers * layer + (H * H + H if pooler else 0)
+
     @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
-        if d.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type {d['position_embedding_type']!r} is not supported "
-                             "(only 'absolute', as in bert-base)")
-        if d.get("attn_implementation") not in (None, "sdpa", "eager"):  # HF writes e.g. "flash_attention_2"
-            warnings.warn(f"attn_implementation {d['attn_implementation']!r} replaced by 'sdpa'")
-            d = {**d, "attn_implementation": "sdpa"}
-        return super().from_dict({k: v for k, v in d.items() if v is not None})
+    def from_dict(cls, d: dict, source: Path | None = None) -> "BertConfig":
+        """The config of `d`; with `source`, the file d was read from, a bad field is a CheckpointError naming it."""
+        try:
+            if not isinstance(d, dict):
+                raise TypeError(f"expected a JSON object, got {type(d).__name__}")
+            if d.get("position_embedding_type", "absolute") != "absolute":
+                raise ValueError(f"position_embedding_type {d['position_embedding_type']!r} is not supported "
+                                 "(only 'absolute', as in bert-base)")
+            if d.get("attn_implementation") not in (None, "sdpa", "eager"):  # HF writes e.g. "flash_attention_2"
+                warnings.warn(f"attn_implementation {d['attn_implementation']!r} replaced by 'sdpa'")
+                d = {**d, "attn_implementation": "sdpa"}
+            return super().from_dict({k: v for k, v in d.items() if v is not None})
+        except (TypeError, ValueError) as err:
+            if source is None:
+                raise
+            raise CheckpointError(f"minbert: {source} does not describe a BERT: {err}") from None
 
     @classmethod
     def from_json_file(cls, path) -> "BertConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path), Path(path))

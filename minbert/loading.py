@@ -1,6 +1,7 @@
 """Find a checkpoint (directory, Hugging Face cache or Hub, embedded MiniLM), read it safely, map its keys, load
 strictly."""
 import importlib.util
+import math
 import os
 import re
 import warnings
@@ -21,6 +22,14 @@ RENAMES = [  # (pattern, replacement) applied to every checkpoint key, in order
     (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias"),
 ]
 DROPPED = re.compile(r"(^|\.)(position_ids|token_type_ids)$|^cls\.predictions\.decoder\.|^cls\.seq_relationship\.")
+SIZE_TENSORS = [  # (key, dimension, BertConfig field): tensor shapes, after RENAMES, that show a config size
+    (re.compile(r"embeddings\.word_embeddings\.weight"), 0, "vocab_size"),
+    (re.compile(r"embeddings\.word_embeddings\.weight"), 1, "hidden_size"),
+    (re.compile(r"embeddings\.position_embeddings\.weight"), 0, "max_position_embeddings"),
+    (re.compile(r"embeddings\.token_type_embeddings\.weight"), 0, "type_vocab_size"),
+    (re.compile(r"encoder\.layer\.\d+\.intermediate\.dense\.weight"), 0, "intermediate_size"),
+]
+LAYER_KEY = re.compile(r"encoder\.layer\.(\d+)\.")
 
 
 def hf_home() -> Path:
@@ -147,17 +156,40 @@ def load_checked(module: torch.nn.Module, state_dict: dict, file: Path, optional
     module.load_state_dict(state_dict, strict=False)
 
 
+def checked_config(config: dict, config_file: Path, tensors: dict, weights_file: Path) -> BertConfig:
+    """The BertConfig of `config` (read from config_file), checked against the shapes of the weights before a model
+    is built: a size that no tensor showing it agrees with (a damaged tensor is left to load_checked), or a model of
+    over twice the parameters the file holds, is a CheckpointError naming the field and both files."""
+    bert = BertConfig.from_dict(config, config_file)
+    shapes = {k: tuple(v.shape) for k, v in rename_keys(tensors).items()}
+    found = [(field, shape[dim], f"{key} has shape {shape}") for pattern, dim, field in SIZE_TENSORS
+             for key, shape in shapes.items() if pattern.fullmatch(key) and len(shape) > dim]
+    layers = [int(m[1]) for key in shapes if (m := LAYER_KEY.match(key))]
+    if layers:
+        found.append(("num_hidden_layers", max(layers) + 1, f"its last layer is encoder.layer.{max(layers)}"))
+    for field in dict.fromkeys(f for f, _, _ in found):
+        seen = [(size, why) for f, size, why in found if f == field]
+        if getattr(bert, field) not in [size for size, _ in seen]:
+            raise CheckpointError(f"minbert: {config_file}: {field} is {getattr(bert, field)}, but {weights_file} "
+                                  f"says {seen[0][0]} ({seen[0][1]}); fix the config or use the one saved with these "
+                                  "weights")
+    held = sum(math.prod(shape) for shape in shapes.values())
+    if bert.num_parameters() > 2 * held:
+        raise CheckpointError(f"minbert: {config_file} describes {bert.num_parameters():,} parameters, over twice the "
+                              f"{held:,} in {weights_file}; fix the config or use the one saved with these weights")
+    return bert
+
+
 def load_pretrained(model_cls, name_or_path: str, revision: str = "main", **config_overrides):
-    """Build `model_cls` (BertModel or BertForMaskedLM) from a checkpoint and return it in eval mode."""
+    """Build `model_cls` (BertModel or BertForMaskedLM) from a checkpoint and return it in eval mode; the config is
+    checked against the weights first."""
     model_dir = resolve_model_dir(name_or_path, revision, needs=WEIGHT_FILES)
-    if not (model_dir / "config.json").is_file():
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
         raise CheckpointError(f"minbert: {model_dir} has no config.json")
-    config = read_json(model_dir / "config.json")
-    try:
-        model = model_cls(BertConfig.from_dict({**config, **config_overrides}))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"minbert: {model_dir / 'config.json'} does not describe a BERT: {err}") from None
+    config = read_json(config_file)
     state_dict, file = read_state_dict(model_dir)
+    model = model_cls(checked_config({**config, **config_overrides}, config_file, state_dict, file))
     state_dict = rename_keys(state_dict)
     head = {k.removeprefix("cls."): v for k, v in state_dict.items() if k.startswith("cls.")}
     encoder = {k: v for k, v in state_dict.items() if not k.startswith("cls.")}

@@ -8,18 +8,71 @@ from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 from .checkpoint import atomic_write, read_json, save_json
+from .config import check_type
 from .loading import TOKENIZER_FILES, CheckpointError, resolve_model_dir
 
+OPTION_TYPES = {"do_lower_case": bool, "tokenize_chinese_chars": bool, "strip_accents": bool | None}
 
-def wordpiece_from_vocab(vocab_file: Path, options: dict) -> Backend:
-    """The BERT pipeline Hugging Face's BertTokenizerFast builds from a vocab.txt."""
-    vocab = {line.rstrip("\n"): i for i, line in enumerate(vocab_file.read_text(encoding="utf-8").splitlines())}
-    backend = Backend(WordPiece(vocab, unk_token=options.get("unk_token", "[UNK]"), max_input_chars_per_word=100))
+
+def read_options(config_file: Path) -> tuple[dict, dict[str, str]]:
+    """tokenizer_config.json's options ({} without the file), their types checked, and the unk, cls, sep, pad and
+    mask tokens it names (an AddedToken object by its content), else BERT's."""
+    options = read_json(config_file) if config_file.is_file() else {}
+    kinds = ("unk", "cls", "sep", "pad", "mask")
+    tokens = {kind: options.get(f"{kind}_token") or f"[{kind.upper()}]" for kind in kinds}
+    tokens = {kind: t.get("content") if isinstance(t, dict) else t for kind, t in tokens.items()}
+    try:
+        for name, annotation in OPTION_TYPES.items():
+            if name in options:
+                check_type(name, options[name], annotation)
+        for kind, token in tokens.items():
+            check_type(f"{kind}_token", token, str)
+    except TypeError as err:
+        raise CheckpointError(f"minbert: {config_file}: {err}") from None
+    return options, tokens
+
+
+def check_tokens(vocab: dict[str, int], tokens, file: Path) -> None:
+    """Raise a CheckpointError naming `file` unless `vocab` holds all of `tokens`."""
+    missing = [t for t in dict.fromkeys(tokens) if t not in vocab]
+    if missing:
+        raise CheckpointError(f"minbert: {file} has no {', '.join(map(repr, missing))} token"
+                              f"{'s' if len(missing) > 1 else ''}; the file is truncated or from another tokenizer "
+                              "(tokenizer_config.json can name its special tokens)")
+
+
+def read_vocab(vocab_file: Path) -> dict[str, int]:
+    """token -> id of a vocab.txt (one token a line); a byte that is not UTF-8 is a CheckpointError naming its line."""
+    raw = vocab_file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise CheckpointError(f"minbert: {vocab_file} line {line}: byte 0x{raw[err.start]:02x} is not valid UTF-8; "
+                              "re-save it as UTF-8 or re-download it") from None
+    return {line.rstrip("\n"): i for i, line in enumerate(text.splitlines())}
+
+
+def read_tokenizer_json(file: Path) -> Backend:
+    """A tokenizer.json; one the `tokenizers` library cannot read is a CheckpointError naming it."""
+    try:
+        return Backend.from_file(str(file))
+    except Exception as err:  # the library raises a bare Exception
+        reason = str(err).partition("\n")[0]
+        raise CheckpointError(f"minbert: {file} is not a readable tokenizer file ({reason}); re-create or "
+                              "re-download it") from None
+
+
+def wordpiece_from_vocab(vocab_file: Path, options: dict, tokens: dict[str, str]) -> Backend:
+    """The BERT pipeline Hugging Face's BertTokenizerFast builds from a vocab.txt, with `tokens` as special tokens."""
+    vocab = read_vocab(vocab_file)
+    check_tokens(vocab, tokens.values(), vocab_file)
+    backend = Backend(WordPiece(vocab, unk_token=tokens["unk"], max_input_chars_per_word=100))
     backend.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=options.get("tokenize_chinese_chars", True),
         strip_accents=options.get("strip_accents"), lowercase=options.get("do_lower_case", True))
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    cls, sep = options.get("cls_token", "[CLS]"), options.get("sep_token", "[SEP]")
+    cls, sep = tokens["cls"], tokens["sep"]
     backend.post_processor = processors.TemplateProcessing(
         single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
         special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
@@ -50,10 +103,11 @@ class Tokenizer:
         """tokenizer.json when present, else vocab.txt; lower-casing as tokenizer_config.json says. Names as for
         BertModel.from_pretrained (a Hub model at `revision` is downloaded when not cached)."""
         model_dir = resolve_model_dir(name_or_path, revision, needs=TOKENIZER_FILES)
-        config_file = model_dir / "tokenizer_config.json"
-        options = read_json(config_file) if config_file.is_file() else {}
+        options, tokens = read_options(model_dir / "tokenizer_config.json")
         if (model_dir / "tokenizer.json").is_file():
-            backend = Backend.from_file(str(model_dir / "tokenizer.json"))
+            backend = read_tokenizer_json(model_dir / "tokenizer.json")
+            check_tokens(backend.get_vocab(), [t for t in (getattr(backend.model, "unk_token", None), tokens["pad"],
+                                                           tokens["mask"]) if t], model_dir / "tokenizer.json")
             norm = json.loads(backend.normalizer.__getstate__()) if backend.normalizer else {}
             if norm.get("type") == "BertNormalizer" and "do_lower_case" in options \
                     and norm["lowercase"] != options["do_lower_case"]:
@@ -61,10 +115,10 @@ class Tokenizer:
                     clean_text=norm["clean_text"], handle_chinese_chars=norm["handle_chinese_chars"],
                     strip_accents=norm["strip_accents"], lowercase=options["do_lower_case"])
         elif (model_dir / "vocab.txt").is_file():
-            backend = wordpiece_from_vocab(model_dir / "vocab.txt", options)
+            backend = wordpiece_from_vocab(model_dir / "vocab.txt", options, tokens)
         else:
             raise CheckpointError(f"minbert: {model_dir} has no tokenizer (looked for tokenizer.json or vocab.txt)")
-        return cls(backend, options.get("pad_token", "[PAD]"), options.get("mask_token", "[MASK]"))
+        return cls(backend, tokens["pad"], tokens["mask"])
 
     @property
     def vocab_size(self) -> int:

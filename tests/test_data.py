@@ -1,12 +1,16 @@
 """Tests for data/: readers on the real files and on broken tmp files, collate, bucketing, stream resume."""
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import train
 from data import (TASKS, DataError, TaskStream, batch_indices, collate, encode_dataset, eval_batches, load_split,
                   read_task)
+from data.readers import FIELD_LIMIT
+from test_train import exits, run_args
 
 SST, QUORA, STS = TASKS["sst"], TASKS["para"], TASKS["sts"]
 
@@ -167,6 +171,59 @@ def test_non_utf8_reports_line(tmp_path):
     raw = (SST_HEAD + "0\ta\tgood\t1\n1\tb\tna\xefve\t1\n").encode("latin-1")
     with pytest.raises(DataError, match=r"^f\.csv line 3: byte 0xef .*not valid UTF-8"):
         read_task(write(tmp_path, "", raw=raw), SST)
+
+
+def test_a_folder_for_a_file_says_so(tmp_path):
+    (tmp_path / "ids-sst-dev.csv").mkdir()
+    with pytest.raises(DataError, match=rf"^ids-sst-dev\.csv: {tmp_path / 'ids-sst-dev.csv'} is a folder, not a data "
+                                        r"file \(pass the file, or the folder holding the task files as --data_dir\)"):
+        load_split(tmp_path, "sst", "dev")
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").is_file(), reason="needs Linux's /proc/self/mem, a file read() refuses")
+def test_an_unreadable_file_is_a_one_line_error():
+    with pytest.raises(DataError, match=r"^mem: cannot read /proc/\d+/mem \(Input/output error\); check its"):
+        read_task("/proc/self/mem", SST)
+
+
+def test_fields_over_the_csv_modules_default_limit_are_read(tmp_path):
+    review = "word " * 40_000  # 200,000 characters: over csv's default limit of 131,072
+    path = write(tmp_path, SST_HEAD + f"0\ta\t{review}\t1\n1\tb\tshort\t2\n", "ids-sst-dev.csv")
+    data = load_split(tmp_path, "sst", "dev", path=path)
+    assert data.ids == ["a", "b"] and data.texts[0] == review.strip() and not data.skipped
+
+
+def test_a_field_over_the_limit_is_a_broken_row_with_its_line(tmp_path):
+    rows = ["0\ta\tgood\t1", f"1\tb\t{'x' * (FIELD_LIMIT + 1)}\t2", "2\tc\tfine\t3", "3\ta\tagain\t4"]
+    write(tmp_path, SST_HEAD + "\n".join(rows) + "\n", "ids-sst-train.csv")
+    problem = f"ids-sst-train.csv line 3: field larger than field limit ({FIELD_LIMIT}); are lines run together? " \
+              "check the line breaks (fix the row, or run without --strict to skip it)"
+    data = load_split(tmp_path, "sst", "train")
+    assert data.ids == ["a", "c", "a"] and data.skipped == [problem]  # the rows after it are read, lines counted
+    with pytest.raises(DataError, match=re.escape(problem)):
+        load_split(tmp_path, "sst", "train", strict=True)
+    write(tmp_path, SST_HEAD + "\n".join(rows[:1] + rows[2:]) + "\n", "ids-sst-dev.csv")  # dev ids are unique
+    with pytest.raises(DataError, match=r"^ids-sst-dev\.csv line 4: id 'a' already used on line 2"):
+        load_split(tmp_path, "sst", "dev")
+    write(tmp_path, "x" * (FIELD_LIMIT + 1) + SST_HEAD + "\n".join(rows) + "\n", "ids-sst-test-student.csv")
+    with pytest.raises(DataError, match=rf"^ids-sst-test-student\.csv line 1 \(the header\): field larger than "
+                                        rf"field limit \({FIELD_LIMIT}\); are lines run together\?"):
+        load_split(tmp_path, "sst", "test")
+
+
+def test_train_stops_on_a_folder_or_with_strict_a_field_over_the_limit(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                      capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    with open(data / "sts-dev.csv", "a") as f:
+        f.write(f"99\tsdev99\t{'x' * (FIELD_LIMIT + 1)}\tc d\t1.0\n")
+    exits(capsys, 1, rf"^error: sts-dev\.csv line 22: field larger than field limit \({FIELD_LIMIT}\); are lines "
+                     r"run together\? check the line breaks \(fix the row", train.main,
+          run_args(tiny_model_dir, data, tmp_path / "run", "--strict"))
+    (data / "quora-train.csv").unlink()
+    (data / "quora-train.csv").mkdir()
+    exits(capsys, 1, rf"^error: quora-train\.csv: {data / 'quora-train.csv'} is a folder, not a data file", train.main,
+          run_args(tiny_model_dir, data, tmp_path / "run"))
 
 
 def test_stray_quotes_kept_and_unlabeled(tmp_path):

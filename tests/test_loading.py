@@ -1,5 +1,6 @@
 """Every checkpoint layout the loader accepts, against transformers, and every error path's message."""
 import json
+import re
 
 import pytest
 import torch
@@ -167,6 +168,14 @@ def test_masked_lm_without_head_warns_and_loads_encoder(tmp_path, hf_model):
      r"config\.json does not describe a BERT: hidden_size must be int, got '32'"),
     (lambda d: (d / "config.json").write_text(json.dumps({**TINY, "num_attention_heads": 0})),
      r"config\.json does not describe a BERT: num_attention_heads must be at least 1, got 0"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**TINY, "pad_token_id": 99})),
+     r"config\.json does not describe a BERT: pad_token_id must be between 0 and vocab_size - 1 = 98, got 99"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**TINY, "hidden_dropout_prob": 1.5})),
+     r"config\.json does not describe a BERT: hidden_dropout_prob must be in \[0, 1\], got 1.5"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**TINY, "initializer_range": -0.02})),
+     r"config\.json does not describe a BERT: initializer_range must be in \[0, inf\], got -0.02"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**TINY, "hidden_act": "gelu_fast"})),
+     r"config\.json does not describe a BERT: hidden_act 'gelu_fast' is not supported; use one of \['gelu'"),
 ])
 def test_damaged_checkpoint_files_are_one_line_errors_naming_the_file(tmp_path, hf_model, damage, message):
     hf_model.save_pretrained(tmp_path)
@@ -174,3 +183,65 @@ def test_damaged_checkpoint_files_are_one_line_errors_naming_the_file(tmp_path, 
     with pytest.raises(CheckpointError, match=message) as err:
         minbert.BertModel.from_pretrained(tmp_path)
     assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+
+
+# ---- a config.json whose sizes the weights do not have: refused before any model is built ---------------------------
+
+@pytest.mark.parametrize("field, value, weights, evidence", [
+    ("hidden_size", 10**7, "model.safetensors", "32 (embeddings.word_embeddings.weight has shape (99, 32))"),
+    ("num_hidden_layers", 10**5, "model.safetensors", "2 (its last layer is encoder.layer.1)"),
+    ("num_hidden_layers", 10**5, "pytorch_model.bin", "2 (its last layer is encoder.layer.1)"),
+    ("vocab_size", 10**10, "model.safetensors", "99 (embeddings.word_embeddings.weight has shape (99, 32))"),
+    ("intermediate_size", 10**9, "pytorch_model.bin",
+     "37 (encoder.layer.0.intermediate.dense.weight has shape (37, 32))"),
+    ("max_position_embeddings", 10**9, "model.safetensors",
+     "64 (embeddings.position_embeddings.weight has shape (64, 32))"),
+    ("type_vocab_size", 10**6, "model.safetensors", "2 (embeddings.token_type_embeddings.weight has shape (2, 32))"),
+])
+def test_absurd_config_sizes_are_refused_before_building(tmp_path, hf_model, field, value, weights, evidence):
+    write_checkpoint(tmp_path, legacy(hf_model.state_dict()), weights)
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, field: value}))
+    with pytest.raises(CheckpointError) as err:
+        minbert.BertForMaskedLM.from_pretrained(tmp_path)
+    assert str(err.value) == (f"minbert: {tmp_path / 'config.json'}: {field} is {value}, but {tmp_path / weights} "
+                              f"says {evidence}; fix the config or use the one saved with these weights")
+
+
+def test_a_config_far_bigger_than_weights_without_its_size_tensors_is_refused(tmp_path, hf_model):
+    no_embeddings = {k: v for k, v in hf_model.state_dict().items() if "word_embeddings" not in k}
+    write_checkpoint(tmp_path, no_embeddings)
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "vocab_size": 10**10}))
+    with pytest.raises(CheckpointError) as err:
+        minbert.BertModel.from_pretrained(tmp_path)
+    assert str(err.value) == (f"minbert: {tmp_path / 'config.json'} describes 320,000,016,810 parameters, over twice "
+                              f"the 16,810 in {tmp_path / 'model.safetensors'}; fix the config or use the one saved "
+                              "with these weights")
+
+
+def test_num_parameters_is_counted_without_building(tiny_config):
+    model = minbert.BertModel(tiny_config)
+    assert tiny_config.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert tiny_config.num_parameters(pooler=False) == sum(p.numel() for p in model.parameters()) - 32 * 33
+
+
+def test_config_from_json_file_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "hidden_size": 30}))
+    message = f"minbert: {tmp_path / 'config.json'} does not describe a BERT: hidden_size 30 is not a multiple of " \
+              "num_attention_heads 4"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        minbert.BertConfig.from_json_file(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match=re.escape(f"minbert: {tmp_path / 'none.json'} not found")):
+        minbert.BertConfig.from_json_file(str(tmp_path / "none.json"))
+
+
+def test_multitask_checkpoint_config_is_checked_against_its_weights(tiny_model_dir, tmp_path):
+    from heads import MultitaskBert
+    MultitaskBert.from_pretrained(str(tiny_model_dir)).save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["bert"]["intermediate_size"] = 10**5
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        MultitaskBert.from_checkpoint(tmp_path)
+    assert str(err.value) == (f"minbert: {tmp_path / 'config.json'}: intermediate_size is 100000, but "
+                              f"{tmp_path / 'model.safetensors'} says 37 (encoder.layer.0.intermediate.dense.weight "
+                              "has shape (37, 32)); fix the config or use the one saved with these weights")

@@ -1,5 +1,6 @@
 """Tokenizer ids against transformers.BertTokenizerFast on awkward text, from tokenizer.json and from vocab.txt."""
 import json
+import re
 import shutil
 
 import pytest
@@ -60,3 +61,53 @@ def test_tokenizer_json_is_overridden_by_do_lower_case(tmp_path, minilm_dir):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
     tok = minbert.Tokenizer.from_pretrained(tmp_path)
     assert tok(["HELLO"])["input_ids"][0, 1] != tok(["hello"])["input_ids"][0, 1]
+
+
+# ---- damaged tokenizer files: one-line errors naming the file ---------------------------------------------------
+
+def tokenizer_dir(tmp_path, minilm_dir, names=("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+    for name in names:
+        shutil.copy(minilm_dir / name, tmp_path / name)
+    return tmp_path
+
+
+def truncate(path, n):
+    path.write_bytes(path.read_bytes()[:n])
+
+
+@pytest.mark.parametrize("names, damage, file, message", [
+    (("tokenizer.json",), lambda d: truncate(d / "tokenizer.json", 1000), "tokenizer.json",
+     r" is not a readable tokenizer file \(EOF while parsing .* at line 1 column 1000\); re-create or re-download it"),
+    (("tokenizer.json",), lambda d: (d / "tokenizer.json").write_bytes(b'{"version": "1.0\xff"}'), "tokenizer.json",
+     r" is not a readable tokenizer file \(stream did not contain valid UTF-8\)"),
+    (("tokenizer.json",), lambda d: (d / "tokenizer_config.json").write_text('{"mask_token": "<mask>"}'),
+     "tokenizer.json", r" has no '<mask>' token; the file is truncated or from another tokenizer"),
+    (("vocab.txt",), lambda d: (d / "vocab.txt").write_text(""), "vocab.txt",
+     r" has no '\[UNK\]', '\[CLS\]', '\[SEP\]', '\[PAD\]', '\[MASK\]' tokens; the file is truncated"),
+    (("vocab.txt",), lambda d: (d / "vocab.txt").write_text((d / "vocab.txt").read_text().replace("[CLS]\n", "")),
+     "vocab.txt", r" has no '\[CLS\]' token; "),
+    (("vocab.txt",), lambda d: (d / "vocab.txt").write_bytes(b"[PAD]\n[UNK]\nna\xefve\n"), "vocab.txt",
+     r" line 3: byte 0xef is not valid UTF-8; re-save it as UTF-8 or re-download it"),
+    (("vocab.txt",), lambda d: (d / "tokenizer_config.json").write_text('{"do_lower_case": true,\n "cls_token"}'),
+     "tokenizer_config.json", r" line 2 column 13: not valid JSON \(Expecting ':' delimiter\)"),
+    (("vocab.txt",), lambda d: (d / "tokenizer_config.json").write_text('{"cls_token": 5}'),
+     "tokenizer_config.json", r": cls_token must be str, got 5$"),
+    (("tokenizer.json",), lambda d: (d / "tokenizer_config.json").write_text('{"do_lower_case": "yes"}'),
+     "tokenizer_config.json", r": do_lower_case must be bool, got 'yes'$"),
+], ids=["truncated-json", "json-not-utf8", "json-without-mask", "empty-vocab", "vocab-without-cls", "vocab-not-utf8",
+        "config-not-json", "token-not-a-string", "option-not-a-bool"])
+def test_damaged_tokenizer_files_are_one_line_errors_naming_the_file(tmp_path, minilm_dir, names, damage, file,
+                                                                      message):
+    damage(tokenizer_dir(tmp_path, minilm_dir, names))
+    with pytest.raises(minbert.CheckpointError, match=re.escape(f"minbert: {tmp_path / file}") + message) as err:
+        minbert.Tokenizer.from_pretrained(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_special_tokens_may_be_added_token_objects(tmp_path, minilm_dir):
+    tokenizer_dir(tmp_path, minilm_dir, ("vocab.txt",))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"cls_token": {"__type": "AddedToken", "content": "[CLS]"}, "pad_token": None}))
+    tok = minbert.Tokenizer.from_pretrained(tmp_path)
+    assert tok.convert_ids_to_tokens(tok("hi")["input_ids"][0].tolist()) == ["[CLS]", "hi", "[SEP]"]
+    assert tok.pad_token_id == 0
