@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from data import TaskStream, merge_labels
 from heads import MultitaskBert
 from minbert.errors import ConfigError, MinbertError, os_error_hint
-from optim import AdamW, TaskSampler, lr_lambda
+from optim import AdamW, NonFiniteLoss, TaskSampler, lr_lambda
 from training.config import TrainConfig, parse_args
 from training.distributed import env_rank
 from training.evaluation import dev_scores, evaluate, lower_is_better
@@ -29,7 +29,7 @@ from training.mlm import pretrain_mlm
 from training.plots import plot_training, pyplot
 from training.session import Session, Terminated
 from training.state import Progress, TrainState, rng_states
-from training.step import MethodState, NonFiniteLoss, train_step
+from training.step import MethodState, train_step
 from training.sweep import run_sweep
 
 
@@ -87,10 +87,14 @@ def task_schedule(cfg: TrainConfig, train: dict, streams: dict, session: Session
 
 
 def progress_fields(result, methods: MethodState, tasks: list[str], tokens_per_s: float) -> dict:
-    """What the progress bar shows after a step: task losses, GradNorm's weights, the fp16 loss scale, tokens/s."""
+    """What the progress bar shows after a step: task losses, the loss weights (w_) and aggregator weights (a_) of
+    the methods, the fp16 loss scale, tokens/s."""
     fields = {t: f"{v:.3f}" for t, v in result.losses.items()}
-    if methods.gradnorm:
-        fields.update({f"w_{t}": f"{w:.2f}" for t, w in zip(tasks, methods.gradnorm.w.tolist())})
+    for weighting in (methods.gradnorm, methods.weighting):
+        if weighting is not None:
+            fields.update({f"w_{t}": f"{w:.2f}" for t, w in zip(tasks, weighting.weights.tolist())})
+    if methods.aggregator is not None and methods.aggregator.last_weights is not None:
+        fields.update({f"a_{t}": f"{w:.2f}" for t, w in zip(tasks, methods.aggregator.last_weights.tolist())})
     if methods.scaler.enabled:
         fields.update(scale=f"{methods.scaler.scale_value:g}", skipped=methods.scaler.skipped)
     return {**fields, "tok/s": f"{tokens_per_s:.0f}"}
@@ -138,7 +142,7 @@ def evaluate_and_save(session: Session, model: MultitaskBert, dev: dict, state: 
             metrics, _ = evaluate(model, dev, session.cfg.loop.eval_batch_size, session.rt.precision)
             record = {"epoch": p.epoch, "step": p.global_step, **metrics, "train_seconds": round(seconds, 1),
                       "train_tokens_per_s": round(window.tokens / seconds), **(epoch_end or {}),
-                      **(methods.gradnorm.log() if methods.gradnorm else {}),
+                      **methods.log(session.cfg.tasks),
                       **({"loss_scale": methods.scaler.scale_value, "skipped_steps": methods.scaler.skipped}
                          if methods.scaler.enabled else {})}
     is_best = save(session, model, state, record)
@@ -146,7 +150,8 @@ def evaluate_and_save(session: Session, model: MultitaskBert, dev: dict, state: 
         session.log((f"epoch {p.epoch}: " if epoch_end else f"step {p.global_step} (epoch {p.epoch + 1}): ")
                     + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + (" (best, saved)" if is_best else "")
                     + "".join(f" | {k} {v}" for k, v in (epoch_end or {}).items())
-                    + (f" | GradNorm weights {methods.gradnorm.weights.tolist()}" if methods.gradnorm else ""))
+                    + (f" | GradNorm weights {methods.gradnorm.weights.tolist()}" if methods.gradnorm else
+                       "".join(f" | {k} {v:.4f}" for k, v in methods.log(session.cfg.tasks).items())))
     window.restart()
 
 
@@ -185,7 +190,7 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
         bar.set_postfix(progress_fields(result, state.methods, cfg.tasks,
                                         window.tokens / (time.perf_counter() - window.started)))
         if session.run:
-            groups = state.optimizer.param_groups
+            groups = [g for g in state.optimizer.param_groups if "name" not in g]  # the model's: not the weighting's
             session.run.log_step({"step": p.global_step, "epoch": epoch + 1, "lr": groups[0]["lr"],
                                   "head_lr": groups[-1]["lr"], "stepped": result.stepped,
                                   **{f"loss_{t}": v for t, v in result.losses.items()}})
@@ -196,6 +201,8 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
                 save(session, model, state)
     bar.close()
     p.epoch, p.step = epoch + 1, 0
+    if state.methods.weighting is not None:
+        state.methods.weighting.step()  # DWA's per-epoch update
     per_task = {t: sum(plan[s % len(plan)] == t for s in range(steps)) if plan else steps for t in cfg.tasks}
     evaluate_and_save(session, model, dev, state, window, {"steps_per_task": per_task})
 
@@ -255,14 +262,17 @@ def run_training(cfg: TrainConfig, session: Session) -> dict:
                              shard=(rt.ranks.rank, rt.ranks.world)) for i, t in enumerate(cfg.tasks)}
     sampler, steps_per_epoch = task_schedule(cfg, train, streams, session)
 
-    # ---- optimizer -----------------------------------------------------------------------------------------
-    o = cfg.optim
-    optimizer = AdamW(model.parameter_groups(o.lr, o.head_lr, o.weight_decay), lr=o.lr)
+    # ---- optimizer (with the loss scales UW and IMTL-L learn) --------------------------------------------------
+    o, methods = cfg.optim, MethodState.create(model, cfg, rt.precision)
+    groups = model.parameter_groups(o.lr, o.head_lr, o.weight_decay)
+    if methods.learned():
+        groups.append({"params": methods.learned(), "lr": cfg.methods.weighting_lr or o.head_lr, "weight_decay": 0.0,
+                       "name": "loss weighting"})
+    optimizer = AdamW(groups, lr=o.lr)
     total_steps = steps_per_epoch * cfg.loop.epochs
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(o.lr_schedule, o.warmup_steps(total_steps), total_steps))
-    state = TrainState(optimizer, lr_sched, streams, MethodState.create(model, cfg, rt.precision), Progress(),
-                       data_fingerprint(train))
+    state = TrainState(optimizer, lr_sched, streams, methods, Progress(), data_fingerprint(train))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     session.log(f"{trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters | "
                 f"{cfg.loop.epochs} epoch(s) x {steps_per_epoch} steps | scheduler {cfg.loop.scheduler}")

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import torch
 
+MAX_SKIPPED_IN_A_ROW = 20  # fp16: steps skipped for inf/NaN in a row before the run stops
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss or gradient became NaN or inf; raised before the optimizer step, so the weights are still good."""
+
 
 class LossScaler:
     """The scale S, its growth tracker, and the count of skipped steps; `enabled=False` is scale 1, no checks."""
@@ -35,6 +41,21 @@ class LossScaler:
         if self.enabled and grads:
             inv_scale = torch.full((1,), 1.0 / self.scale_value, device=found_inf.device)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+
+    def check(self, problems: list[str]) -> bool:
+        """The non-finite guard of every training loop, after the step's values are read: True to take the step.
+        A problem (e.g. "the sst loss is nan") stops the run at once in float32 and bf16 (NonFiniteLoss); under
+        fp16 the step is skipped and S halves, and MAX_SKIPPED_IN_A_ROW skips in a row stop it."""
+        if not problems:
+            self.update(skipped=False)
+            return True
+        if not self.enabled:
+            raise NonFiniteLoss(problems[0])
+        self.update(skipped=True)
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteLoss(f"{self.skipped_in_a_row} steps in a row were skipped under fp16 ({problems[0]}; "
+                                f"loss scale now {self.scale_value:g})")
+        return False
 
     def update(self, skipped: bool) -> None:
         """After a step: halve S when it was skipped for non-finite values, double it after growth_interval good

@@ -38,33 +38,7 @@ def pcgrad(
     ``task_grads[i][p]`` is task i's gradient of parameter p (None = zero). Dot products are global over all
     parameters and computed in float32; outputs keep each parameter's input dtype.
     """
-    k = len(task_grads)
-    if k == 0:
-        raise ValueError("need at least one task")
-    num_params = len(task_grads[0])
-    if any(len(grads) != num_params for grads in task_grads):
-        raise ValueError("every task must give one entry per parameter")
+    from .aggregation import _combine  # imported here: optim.aggregation imports _projection_weights from this module
 
-    # A reference gradient per parameter fixes its shape, dtype and device; None where no task has one.
-    refs = [next((g[p] for g in task_grads if g[p] is not None), None) for p in range(num_params)]
-    present = [p for p in range(num_params) if refs[p] is not None]
-    if not present:
-        return [None] * num_params
-    device = refs[present[0]].device
-    sizes = [refs[p].numel() for p in present]
-
-    flat = torch.stack([  # (k, D), D = total number of gradient entries
-        torch.cat([
-            (g[p] if g[p] is not None else torch.zeros_like(refs[p])).reshape(-1).to(device, torch.float32)
-            for p in present
-        ])
-        for g in task_grads
-    ])
-    gram = (flat @ flat.T).double().tolist()  # (k, k) g_i·g_j, computed once
-    weights = torch.tensor(_projection_weights(gram, shuffle, generator), dtype=torch.float32, device=device)  # (k,)
-    combined = weights @ flat  # (D,)
-
-    out: list[Tensor | None] = [None] * num_params
-    for p, chunk in zip(present, combined.split(sizes)):
-        out[p] = chunk.view_as(refs[p]).to(refs[p].dtype)
-    return out
+    return _combine(task_grads, lambda gram: torch.tensor(
+        _projection_weights(gram.tolist(), shuffle, generator), dtype=torch.float64))

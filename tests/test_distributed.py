@@ -1,5 +1,5 @@
 """torchrun with 2 CPU processes (gloo) gives the same training as 1 process on the same global batches: summed
-losses, PCGrad, GradNorm, SMART and the adapters (DoRA, PALs); a fault on one rank (kill -9, SIGTERM, an error, a
+losses, PCGrad, GradNorm, SMART, the adapters (DoRA, PALs) and the other aggregators and loss weightings; a fault on one rank (kill -9, SIGTERM, an error, a
 file-size limit) stops every rank within seconds with one message, and --resume under torchrun is bit-identical."""
 import json
 import os
@@ -36,7 +36,9 @@ ENCODER_WEIGHT = "bert.encoder.layer.0.output.dense.weight"
 @pytest.mark.parametrize("extra, trained", [
     ([], ENCODER_WEIGHT), (["--pcgrad"], ENCODER_WEIGHT), (["--gradnorm"], ENCODER_WEIGHT),
     (["--smart"], ENCODER_WEIGHT), (["--pals", "pal", "--pals_dim", "12"], ENCODER_WEIGHT),
-    (["--lora", "4", "--lora_variant", "dora"], "bert.encoder.layer.0.attention.self.query.lora_B")])
+    (["--lora", "4", "--lora_variant", "dora"], "bert.encoder.layer.0.attention.self.query.lora_B"),
+    (["--aggregator", "nash_mtl"], ENCODER_WEIGHT), (["--loss_weighting", "famo"], ENCODER_WEIGHT),
+    (["--loss_weighting", "uw", "--aggregator", "gradvac"], ENCODER_WEIGHT)])
 def test_two_gloo_processes_match_one(tiny_model_dir, tiny_data_dir, tmp_path, extra, trained):
     args = ["--model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir), "--epochs", "1", "--steps_per_epoch",
             "3", "--batch_size", "6", "--lr", "1e-3", "--hidden_dropout_prob", "0", "--eval_batch_size", "8", *extra]

@@ -9,10 +9,10 @@ import torch
 import minbert.runtime
 import train
 from heads import MultitaskBert
-from optim import LossScaler
+from optim import MAX_SKIPPED_IN_A_ROW, LossScaler, NonFiniteLoss
 from test_train import assert_same_weights, exits, one_batch_per_task, run_args, weights
 from training.config import TrainConfig, parse_args
-from training.step import MAX_SKIPPED_IN_A_ROW, MethodState, NonFiniteLoss, Runtime, train_step
+from training.step import MethodState, Runtime, train_step
 
 CPU = torch.device("cpu")
 
@@ -53,7 +53,11 @@ def test_loss_scaler_backs_off_grows_and_round_trips():
 
 
 METHODS = {"summed": {}, "pcgrad": {"pcgrad": True}, "gradnorm": {"gradnorm": True},
-           "smart": {"smart": True, "smart_steps": 1, "smart_noise": 0.0}}
+           "smart": {"smart": True, "smart_steps": 1, "smart_noise": 0.0},
+           # the Gram matrix, Nash-MTL's scale-free solve and FAMO's loss-dependent weights must see scale 1
+           "mgda": {"aggregator": "mgda", "mgda_normalization": "l2"}, "nash_mtl": {"aggregator": "nash_mtl"},
+           "cagrad": {"aggregator": "cagrad"}, "famo": {"loss_weighting": "famo"},
+           "uw + upgrad": {"loss_weighting": "uw", "aggregator": "upgrad"}}
 
 
 def gradients_after_one_step(tiny_model_dir, flags: dict, precision: str, scale: float) -> dict:
@@ -104,7 +108,8 @@ class InfGrad(torch.autograd.Function):
         return g * float("inf")
 
 
-@pytest.mark.parametrize("flags", [{}, {"pcgrad": True}, {"gradnorm": True}, {"smart": True, "smart_bregman": 0.5}])
+@pytest.mark.parametrize("flags", [{}, {"pcgrad": True}, {"gradnorm": True}, {"smart": True, "smart_bregman": 0.5},
+                                   {"aggregator": "gradvac"}, {"loss_weighting": "uw"}, {"loss_weighting": "famo"}])
 def test_inf_in_one_task_skips_the_step_for_all_and_lowers_the_scale(tiny_model_dir, monkeypatch, flags):
     torch.manual_seed(0)
     model = MultitaskBert.from_pretrained(str(tiny_model_dir))
@@ -120,7 +125,7 @@ def test_inf_in_one_task_skips_the_step_for_all_and_lowers_the_scale(tiny_model_
     lr_sched.step()
     scale, skipped = state.scaler.scale_value, state.scaler.skipped
     before = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), lr_sched.last_epoch,
-              state.gradnorm and state.gradnorm.weights, state.teacher and copy.deepcopy(state.teacher.model.state_dict()))
+              state.gradnorm and state.gradnorm.weights, {k: copy.deepcopy(m.state_dict()) for k, m in state.stateful()})
     real_loss = train.train_step.__globals__["task_loss"]
     monkeypatch.setitem(train.train_step.__globals__, "task_loss", lambda model, task, *a: InfGrad.apply(
         real_loss(model, task, *a)) if task == "para" else real_loss(model, task, *a))
@@ -132,8 +137,8 @@ def test_inf_in_one_task_skips_the_step_for_all_and_lowers_the_scale(tiny_model_
     assert lr_sched.last_epoch == before[2]  # the loop steps the schedule only after a real step
     if state.gradnorm:
         assert torch.equal(state.gradnorm.weights, before[3])
-    if state.teacher:
-        assert_same_weights(before[4], state.teacher.model.state_dict())
+    for prefix, method in state.stateful():  # the EMA teacher, GradVac's targets, UW's scales, FAMO's logits
+        assert_same_weights(before[4][prefix], method.state_dict())
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -304,8 +304,16 @@ def test_unwritable_output_folder_is_a_one_line_error(tiny_model_dir, tiny_data_
     (["--epochs", "0"], "--epochs must be at least 1, got 0"),
     (["--steps_per_epoch", "0"], "--steps_per_epoch must be at least 1, got 0"),
     (["--tasks", "sst,imdb"], "--tasks: unknown task\\(s\\) imdb"),
-    (["--pcgrad", "--scheduler", "random"], "--pcgrad and --gradnorm combine the tasks of one step"),
+    (["--pcgrad", "--scheduler", "random"], "--aggregator pcgrad combines the tasks of one step, which --scheduler "
+                                            "random trains one at a time: use --scheduler all"),
     (["--resume", "--overwrite"], "choose one of --resume .* and --overwrite"),
+    (["--pcgrad", "--aggregator", "mgda"], "--pcgrad is --aggregator pcgrad: it cannot combine with --aggregator mgda"),
+    (["--gradnorm", "--aggregator", "cagrad"], "--gradnorm backpropagates every task at once, so no task gradients "
+                                               "are left for --aggregator cagrad to combine"),
+    (["--loss_weighting", "famo", "--smart"], "--loss_weighting famo compares each task's loss before and after"),
+    (["--loss_weighting", "uw", "--aggregator", "nash_mtl", "--scheduler", "round_robin"],
+     "--aggregator nash_mtl and --loss_weighting uw combine the tasks of one step, which --scheduler round_robin"),
+    (["--aggregator", "cagrad", "--cagrad_c", "-1"], "--cagrad_c must be at least 0, got -1.0"),
     (["--task_order", "sst,para"], "--task_order sst,para must list each of --tasks sst,para,sts once"),
 ])
 def test_bad_options_are_usage_errors(tiny_model_dir, tiny_data_dir, tmp_path, capsys, flags, message):

@@ -1,5 +1,6 @@
 """train.py -> evaluate.py end to end on a tiny random model and tiny CSVs: checkpoints, methods, resume, baselines."""
 import json
+import math
 import re
 from pathlib import Path
 
@@ -107,7 +108,12 @@ def kill_at_step(monkeypatch, n: int) -> None:
 @pytest.mark.parametrize("extra", [[], ["--pcgrad"], ["--gradnorm"], ["--smart", "--smart_bregman", "0.5"],
                                    ["--pals", "pal", "--pals_dim", "12", "--pals_share_ve_vd"],
                                    ["--scheduler", "annealed"], ["--scheduler", "sequential", "--task_order",
-                                                                 "sts,para,sst", "--steps_per_epoch", "9"]])
+                                                                 "sts,para,sst", "--steps_per_epoch", "9"],
+                                   # every method that keeps state between steps
+                                   ["--aggregator", "gradvac"], ["--aggregator", "nash_mtl", "--nash_update_every", "3"],
+                                   ["--loss_weighting", "famo"], ["--loss_weighting", "dwa", "--dwa_every", "2"],
+                                   ["--loss_weighting", "rlw"], ["--loss_weighting", "uw", "--aggregator", "cagrad"],
+                                   ["--loss_weighting", "imtl_l", "--aggregator", "upgrad"]])
 def test_methods_train_and_resume_exactly(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys, extra):
     train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", "--save_every", "2", *extra))
     kill_at_step(monkeypatch, 5)
@@ -125,6 +131,10 @@ def test_methods_train_and_resume_exactly(tiny_model_dir, tiny_data_dir, tmp_pat
     if "--gradnorm" in extra:
         w = [records["a"][-1][f"gradnorm_w_{t}"] for t in ("sst", "para", "sts")]
         assert sum(w) == pytest.approx(3.0) and w != [1.0, 1.0, 1.0]
+    for kind in ("aggregator", "loss_weighting"):  # the task weights of every evaluation
+        if f"--{kind}" in extra:
+            w = [records["a"][-1][f"{kind.split('_')[-1]}_w_{t}"] for t in ("sst", "para", "sts")]
+            assert all(map(math.isfinite, w)) and w != [1.0, 1.0, 1.0]
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(tiny_model_dir, tiny_data_dir, tmp_path,
@@ -221,14 +231,13 @@ def test_pcgrad_projects_shared_gradients_and_leaves_task_parameters_alone(tiny_
         per_task.append({n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()})
     task_specific = ("heads.", "pals.")  # used by one task each: never projected
     shared = [n for n, _ in model.named_parameters() if not n.startswith(task_specific)]
-    torch.manual_seed(5)
-    expected = dict(zip(shared, pcgrad([[g[n] for n in shared] for g in per_task])))
-
     cfg = TrainConfig.from_flags(pcgrad=True, pals=pals, pals_dim=12)
+    order = torch.Generator().manual_seed(cfg.run.seed)  # the projection order: the aggregator's own generator
+    expected = dict(zip(shared, pcgrad([[g[n] for n in shared] for g in per_task], generator=order)))
+
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    torch.manual_seed(5)
     train.train_step(model, optimizer, {t: iter([b]) for t, b in batches.items()}, list(batches), cfg,
-                     MethodState(), Runtime(torch.device("cpu")))
+                     MethodState.create(model, cfg), Runtime(torch.device("cpu")))
     params = dict(model.named_parameters())
     for n in shared:
         torch.testing.assert_close(params[n].grad, expected[n], atol=1e-6, rtol=1e-5)

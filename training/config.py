@@ -19,13 +19,18 @@ from minbert.lora import LoRAConfig
 from minbert.pals import KINDS as PALS_KINDS
 from minbert.pals import PALsConfig
 from minbert.runtime import AMP_CHOICES
+from optim.aggregation import AGGREGATORS
 from optim.sampling import MODES as SAMPLING_MODES
 from optim.schedules import KINDS as LR_SCHEDULES
+from optim.weighting import WEIGHTINGS
 
 SCHEDULERS = ("all", *SAMPLING_MODES)  # "all": one batch of every task per step, losses summed
 HEAD_HELP = ("a preset ({}) or a spec FEATURES[:W1,W2,...[:relu|gelu]] (features: {}), e.g. {}; see "
              "heads/task_heads.py")
 FILE_FLAGS = tuple(f"{task}_{split}" for task in TASKS for split in ("train", "dev", "test"))
+METHOD_PREFIXES = {"mgda": "mgda_", "cagrad": "cagrad_", "nash_mtl": "nash_", "gradvac": "gradvac_", "dwa": "dwa_",
+                   "famo": "famo_"}  # the flags of a method's hyper-parameters (--cagrad_c ...)
+SEEDED_METHODS = ("pcgrad", "gradvac", "rlw")  # they draw at random, from their own generator seeded with --seed
 
 
 def flag(default=None, help: str | None = None, choices: tuple | None = None, **kw):
@@ -245,11 +250,29 @@ class OptimOptions:
 
 @dataclass
 class MethodOptions:
-    """How the task gradients are combined (PCGrad, GradNorm) and regularised (SMART)."""
+    """How the task losses are weighted (UW, DWA, RLW, FAMO, IMTL-L, GradNorm), their gradients combined on the
+    shared parameters (PCGrad, MGDA, CAGrad, Nash-MTL, ...: optim/aggregation.py) and regularised (SMART)."""
 
-    pcgrad: bool = flag(False, "combine the task gradients on shared parameters with PCGrad (Yu et al. 2020); "
-                          "needs --scheduler all")
-    gradnorm: bool = flag(False, "learn task loss weights with GradNorm (Chen et al. 2018)")
+    aggregator: str = flag("sum", "how the task gradients on the shared parameters are combined (optim/"
+                           "aggregation.py); needs --scheduler all", AGGREGATORS)
+    aggregator_scale: str = flag("sum", "sum: every aggregator returns the scale of summed losses (a --lr tuned for "
+                                 "summed training carries over); paper: each paper's own scale", ("sum", "paper"))
+    mgda_normalization: str = flag("none", "MGDA's gradient normalisation, of the solver's input only",
+                                   ("none", "l2", "loss", "loss+"))
+    cagrad_c: float = flag(0.4, "CAGrad's c: the radius of the ball around the mean gradient")
+    cagrad_rescale: int = flag(1, "CAGrad's output: 0 as solved, 1 divided by 1 + c², 2 by 1 + c", (0, 1, 2))
+    nash_max_norm: float = flag(1.0, "Nash-MTL: clip the combined gradient's norm (0 = off)")
+    nash_update_every: int = flag(1, "Nash-MTL: solve for new weights every N steps")
+    gradvac_beta: float = flag(0.5, "GradVac: EMA rate of the cosine-similarity targets (LibMTL's default)")
+    pcgrad: bool = flag(False, "the same as --aggregator pcgrad (Yu et al. 2020)")
+    loss_weighting: str | None = flag(None, "how the task losses are weighted before the backward (optim/"
+                                      "weighting.py); needs --scheduler all", WEIGHTINGS)
+    weighting_lr: float | None = flag(None, "learning rate of UW's and IMTL-L's loss scales (default: --head_lr)")
+    dwa_temperature: float = flag(2.0, "DWA's temperature T")
+    dwa_every: int = flag(0, "DWA: update the weights every N steps (0 = at each epoch's end, as published)")
+    famo_lr: float = flag(0.025, "FAMO: learning rate of its task logits")
+    famo_weight_decay: float = flag(0.001, "FAMO: weight decay of its task logits")
+    gradnorm: bool = flag(False, "the same as --loss_weighting gradnorm (Chen et al. 2018)")
     gradnorm_alpha: float = 1.5
     gradnorm_layer: str = flag("last", "shared layer whose gradient norms GradNorm balances", ("last", "pooler"))
     smart: bool = flag(False, "SMART adversarial smoothness regulariser (Jiang et al. 2020)")
@@ -261,9 +284,43 @@ class MethodOptions:
     smart_bregman: float = flag(0.0, "weight μ of the Bregman proximal term against an EMA teacher (0 = off)")
 
     def __post_init__(self):
-        if self.pcgrad and self.gradnorm:
-            raise ConfigError("choose one of --pcgrad and --gradnorm")
+        if self.pcgrad and self.aggregator not in ("sum", "pcgrad"):
+            raise ConfigError(f"--pcgrad is --aggregator pcgrad: it cannot combine with --aggregator {self.aggregator}")
+        if self.gradnorm and self.loss_weighting not in (None, "gradnorm"):
+            raise ConfigError(f"--gradnorm is --loss_weighting gradnorm: it cannot combine with --loss_weighting "
+                              f"{self.loss_weighting}")
+        if self.weighting_name == "gradnorm" and self.aggregator_name != "sum":
+            raise ConfigError(f"--gradnorm backpropagates every task at once, so no task gradients are left for "
+                              f"--aggregator {self.aggregator_name} to combine; choose one of them")
+        if self.weighting_name == "famo" and self.smart:
+            raise ConfigError("--loss_weighting famo compares each task's loss before and after the step on the same "
+                              "batch, which the SMART term (it needs gradients) cannot be: drop --smart or choose "
+                              "another weighting")
+        for name in ("cagrad_c", "nash_max_norm", "gradvac_beta", "dwa_every", "famo_weight_decay"):
+            at_least(name, getattr(self, name), 0)
+        for name in ("dwa_temperature", "famo_lr"):
+            positive(name, getattr(self, name))
+        at_least("nash_update_every", self.nash_update_every, 1)
+        if self.weighting_lr is not None:
+            positive("weighting_lr", self.weighting_lr)
         at_least("smart_steps", self.smart_steps, 0)
+
+    @property
+    def aggregator_name(self) -> str:
+        return "pcgrad" if self.pcgrad else self.aggregator
+
+    @property
+    def weighting_name(self) -> str | None:
+        return "gradnorm" if self.gradnorm else self.loss_weighting
+
+    def hparams(self, method: str, seed: int) -> dict:
+        """The Python hyper-parameters of an aggregator or weighting: its flags without the method's prefix
+        (--cagrad_c -> c), the aggregators' scale, and the run's seed for the methods that draw at random."""
+        prefix = METHOD_PREFIXES.get(method)
+        found = {f.name.removeprefix(prefix): getattr(self, f.name) for f in dataclasses.fields(self)
+                 if prefix and f.name.startswith(prefix)}
+        return {**found, **({"scale": self.aggregator_scale} if method in AGGREGATORS else {}),
+                **({"seed": seed} if method in SEEDED_METHODS else {})}
 
 
 @dataclass
@@ -340,8 +397,12 @@ class TrainConfig:
     def __post_init__(self):
         tasks = self.model.task_list
         self.head_config()  # validates tasks and heads
-        if (self.methods.pcgrad or self.methods.gradnorm) and self.loop.scheduler != "all":
-            raise ConfigError("--pcgrad and --gradnorm combine the tasks of one step: use --scheduler all")
+        m = self.methods
+        if (m.aggregator_name != "sum" or m.weighting_name) and self.loop.scheduler != "all":
+            used = " and ".join(f"--{name} {value}" for name, value in (("aggregator", m.aggregator_name),
+                                ("loss_weighting", m.weighting_name)) if value not in (None, "sum"))
+            raise ConfigError(f"{used} {'combine' if ' and ' in used else 'combines'} the tasks of one step, which "
+                              f"--scheduler {self.loop.scheduler} trains one at a time: use --scheduler all")
         if self.loop.task_order is not None:
             order = self.loop.task_order.split(",")
             if sorted(order) != sorted(tasks):

@@ -19,11 +19,10 @@ from minbert import BertForMaskedLM, Tokenizer
 from minbert.checkpoint import atomic_write, save_json, save_tensors
 from minbert.errors import ConfigError, MinbertError
 from minbert.runtime import autocast
-from optim import AdamW, LossScaler, lr_lambda, param_groups_for_weight_decay
+from optim import AdamW, LossScaler, NonFiniteLoss, lr_lambda, param_groups_for_weight_decay
 
 from .config import TrainConfig
 from .session import Session
-from .step import MAX_SKIPPED_IN_A_ROW
 
 MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")  # what --model reads
 HELDOUT_SENTENCES = 2000
@@ -99,14 +98,13 @@ def pretrain_mlm(cfg: TrainConfig) -> dict:
                 found_inf = torch.zeros(1, device=device)
                 scaler.unscale_(params, found_inf)
                 loss_value, overflow = torch.stack([loss.detach(), found_inf[0]]).tolist()
-                if not math.isfinite(loss_value) or overflow:
-                    if not scaler.enabled or scaler.skipped_in_a_row + 1 >= MAX_SKIPPED_IN_A_ROW:
-                        raise MinbertError(f"the masked-LM loss is {loss_value} at epoch {epoch + 1}"
-                                           + (f" ({scaler.skipped_in_a_row + 1} fp16 steps skipped in a row)"
-                                              if scaler.enabled else "") + "; try a lower --lr")
-                    scaler.update(skipped=True)
-                    continue
-                scaler.update(skipped=False)
+                problems = ([] if math.isfinite(loss_value) else [f"the masked-LM loss is {loss_value}"]) + \
+                    (["a gradient is inf or NaN"] if overflow else [])
+                try:
+                    if not scaler.check(problems):  # fp16: a skipped step
+                        continue
+                except NonFiniteLoss as err:
+                    raise MinbertError(f"{err} at epoch {epoch + 1}; try a lower --lr") from None
                 if cfg.optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
                 optimizer.step()

@@ -53,7 +53,7 @@ class TrainState:
             tensors.update({key + ("" if rank == 0 else f".rank{rank}"): v for key, v in states.items()})
         meta = {"format": STATE_FORMAT, "progress": asdict(self.progress), "data": self.data,
                 "param_groups": opt["param_groups"], "lr_scheduler": self.lr_scheduler.state_dict(),
-                "streams": {t: s.state_dict() for t, s in self.streams.items()}, "ranks": len(rng or [None])}
+                "streams": {t: s.state_dict() for t, s in self.streams.items()}, "ranks": len(rng) if rng else 1}
         m = self.methods
         meta["loss_scaler"] = m.scaler.state_dict()
         if m.gradnorm:
@@ -62,10 +62,8 @@ class TrainState:
             if gn["initial_losses"] is not None:
                 tensors["gradnorm.initial_losses"] = gn["initial_losses"]
             meta["gradnorm_param_groups"] = gn["optimizer"]["param_groups"]
-        if m.teacher:
-            tensors.update({f"teacher.{k}": v for k, v in m.teacher.model.state_dict().items()})
-        if m.pcgrad_generator:
-            tensors["rng.pcgrad"] = m.pcgrad_generator.get_state()
+        for prefix, method in m.stateful():
+            tensors.update({f"{prefix}.{k}": v for k, v in method.state_dict().items()})
         save_tensors(tensors, folder / "train_state.safetensors")
         save_json(meta, folder / "train_state.json")
 
@@ -90,11 +88,11 @@ class TrainState:
             m.gradnorm.load_state_dict({
                 "weights": tensors["gradnorm.weights"], "initial_losses": tensors.get("gradnorm.initial_losses"),
                 "optimizer": unflatten_optimizer("gradnorm.opt", tensors, meta["gradnorm_param_groups"], "cpu")})
-        if m.teacher:
-            m.teacher.model.load_state_dict({k.removeprefix("teacher."): v for k, v in tensors.items()
-                                             if k.startswith("teacher.")})
-        if m.pcgrad_generator:
-            m.pcgrad_generator.set_state(tensors["rng.pcgrad"])
+        if "rng.pcgrad" in tensors:  # PCGrad's generator, as sets saved before the aggregators named it
+            tensors = {**tensors, "aggregator.generator": tensors["rng.pcgrad"]}
+        for prefix, method in m.stateful():
+            method.load_state_dict({k.removeprefix(prefix + "."): v for k, v in tensors.items()
+                                    if k.startswith(prefix + ".")})
         suffix = "" if rank == 0 else f".rank{rank}"
         if "rng.cpu" + suffix in tensors:
             torch.set_rng_state(tensors["rng.cpu" + suffix])

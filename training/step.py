@@ -1,5 +1,7 @@
-"""One optimizer step of multi-task training: task losses (with SMART), one backward per task, and the task
-gradients summed, combined by PCGrad or weighted by GradNorm."""
+"""One optimizer step of multi-task training, in phases: draw and forward each task (with SMART), its backward
+(weighted by a loss weighting) and, for a gradient aggregator, its gradients on the shared parameters set aside;
+the all-reduce over the ranks; unscale and check (fp16); combine (PCGrad, MGDA, ... or the plain sum); the optimizer
+step and the methods' updates. Every method takes this one path."""
 from __future__ import annotations
 
 import math
@@ -10,17 +12,12 @@ import torch
 from data import TASKS
 from heads import MultitaskBert
 from minbert.runtime import autocast
-from optim import EMATeacher, GradNorm, LossScaler, bregman_divergence, pcgrad, smart_loss
+from optim import EMATeacher, GradNorm, LossScaler, bregman_divergence, smart_loss
+from optim.aggregation import Aggregator, aggregator
+from optim.weighting import LossWeighting, loss_weighting
 
 from .config import TrainConfig
 from .distributed import GradientAllReduce
-
-
-MAX_SKIPPED_IN_A_ROW = 20  # fp16: steps skipped for inf/NaN in a row before the run stops
-
-
-class NonFiniteLoss(RuntimeError):
-    """A task loss became NaN or inf; raised before the optimizer step, so the weights are still good."""
 
 
 @dataclass
@@ -34,24 +31,52 @@ class Runtime:
 
 @dataclass
 class MethodState:
-    """The multi-task methods' state beside the model, saved with each checkpoint: GradNorm's task weights,
-    SMART's EMA teacher, PCGrad's shuffling RNG (its own, so every rank projects in the same order) and the fp16
-    loss scale."""
+    """The multi-task methods' state beside the model, saved with each checkpoint: GradNorm's task weights (it
+    measures gradient norms with every task's graph alive), another loss weighting (UW's log-variances, FAMO's
+    logits ...), the gradient aggregator (PCGrad's shuffling RNG, its own so that every rank projects in the same
+    order; GradVac's targets ...), SMART's EMA teacher and the fp16 loss scale."""
 
     gradnorm: GradNorm | None = None
+    weighting: LossWeighting | None = None
+    aggregator: Aggregator | None = None  # None: the task gradients are summed where they accumulate
     teacher: EMATeacher | None = None
-    pcgrad_generator: torch.Generator | None = None
     scaler: LossScaler = field(default_factory=lambda: LossScaler(enabled=False))
 
     @classmethod
     def create(cls, model: MultitaskBert, cfg: TrainConfig, precision: str = "fp32") -> MethodState:
-        m = cfg.methods
-        if m.gradnorm:
+        m, k, gradnorm, weighting, combine = cfg.methods, len(cfg.tasks), None, None, None
+        if m.weighting_name == "gradnorm":
             model.gradnorm_parameters(m.gradnorm_layer)  # a clear error now rather than in the first step
-        return cls(GradNorm(cfg.tasks, m.gradnorm_alpha) if m.gradnorm else None,
-                   EMATeacher(model) if m.smart and m.smart_bregman else None,
-                   torch.Generator().manual_seed(cfg.run.seed) if m.pcgrad else None,
+            gradnorm = GradNorm(cfg.tasks, m.gradnorm_alpha)
+        elif m.weighting_name:
+            weighting = loss_weighting(m.weighting_name, k, **m.hparams(m.weighting_name, cfg.run.seed)).to(
+                next(model.parameters()).device)
+        if m.aggregator_name != "sum":
+            combine = aggregator(m.aggregator_name, k, **m.hparams(m.aggregator_name, cfg.run.seed))
+        return cls(gradnorm, weighting, combine, EMATeacher(model) if m.smart and m.smart_bregman else None,
                    LossScaler(enabled=precision == "fp16"))
+
+    def learned(self) -> list[torch.Tensor]:
+        """The loss scales the weighting learns in the model's optimizer (UW's, IMTL-L's); GradNorm has its own."""
+        return self.weighting.parameters() if self.weighting is not None else []
+
+    def stateful(self) -> list[tuple[str, object]]:
+        """(prefix, object) of the methods whose state_dict() the checkpoint set holds as tensors under the prefix
+        (GradNorm's is saved in its own layout)."""
+        methods = (("weighting", self.weighting), ("aggregator", self.aggregator),
+                   ("teacher", self.teacher and self.teacher.model))
+        return [(prefix, method) for prefix, method in methods if method is not None]
+
+    def log(self, tasks: list[str]) -> dict[str, float]:
+        """The task weights of the methods, by task, for metrics.jsonl (GradNorm's keys as they always were)."""
+        if self.gradnorm:
+            return self.gradnorm.log()
+        weights = {}
+        if self.weighting is not None:
+            weights.update({f"weighting_w_{t}": w for t, w in zip(tasks, self.weighting.weights.tolist())})
+        if self.aggregator is not None and self.aggregator.last_weights is not None:
+            weights.update({f"aggregator_w_{t}": w for t, w in zip(tasks, self.aggregator.last_weights.tolist())})
+        return weights
 
 
 @dataclass
@@ -62,6 +87,20 @@ class StepResult:
     losses: dict[str, float]
     tokens: int
     stepped: bool = True
+
+
+@dataclass
+class Passes:
+    """What the forward and backward passes of a step leave: each task's loss of the global batch (on the device,
+    summed over micro-batches), the tasks' gradients on the shared parameters set aside for an aggregator, GradNorm's
+    measurements, this rank's tokens, the fp16 overflow flag, and the batches (for FAMO's second look)."""
+
+    losses: dict[str, torch.Tensor]
+    found_inf: torch.Tensor
+    task_grads: list[list[torch.Tensor | None]] = field(default_factory=list)
+    measured: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    tokens: int = 0
+    batches: dict[str, list[tuple[dict, float]]] = field(default_factory=dict)
 
 
 def task_loss(model: MultitaskBert, task: str, batch: dict, cfg: TrainConfig, state: MethodState) -> torch.Tensor:
@@ -84,81 +123,119 @@ def task_loss(model: MultitaskBert, task: str, batch: dict, cfg: TrainConfig, st
     return loss
 
 
-def train_step(model: MultitaskBert, optimizer: torch.optim.Optimizer, streams: dict, tasks: list[str],
-               cfg: TrainConfig, state: MethodState, rt: Runtime) -> StepResult:
-    """One optimizer step on `grad_accum` batches of each task in `tasks`. By default one backward per task (only
-    one task's graph alive at a time) and the task gradients summed; --pcgrad combines them on the shared
-    parameters with PCGrad while task-specific parameters (heads, streams, PALs) keep their own; --gradnorm
-    backpropagates Σ w_i L_i with learned w. Under fp16 every backward is of the scaled loss, and every task's
-    gradients are unscaled and checked before they meet (PCGrad's dot products, GradNorm's norms, clipping)."""
-    optimizer.zero_grad(set_to_none=True)
-    accum, scaler = cfg.loop.grad_accum, state.scaler
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    shared = model.shared_parameters() if cfg.methods.pcgrad else []
-    losses = {t: torch.zeros((), device=rt.device) for t in tasks}  # read once per step: a single device sync
-    found_inf = torch.zeros(1, device=rt.device)  # set by the loss scaler when a gradient overflows
-    tokens, task_grads, measured = 0, [], []
+def forward_and_backward(model: MultitaskBert, streams: dict, tasks: list[str], cfg: TrainConfig,
+                         state: MethodState, rt: Runtime, trainable: list, shared: list) -> Passes:
+    """Draw and forward each task's batches, then its backward: of c_i·L_i with a loss weighting's coefficient
+    (GradNorm: of Σ w_i L_i, every task's graph at once, as it needs all gradient norms on the shared layer). With
+    an aggregator, each task's shared gradients are all-reduced, unscaled, checked and set aside as it finishes."""
+    accum, scaler, weighting = cfg.loop.grad_accum, state.scaler, state.weighting
+    passes = Passes({t: torch.zeros((), device=rt.device) for t in tasks},  # read once per step: one device sync
+                    torch.zeros(1, device=rt.device))  # set by the loss scaler when a gradient overflows
+    keep = weighting is not None and weighting.needs_new_losses
 
     def draw(task: str) -> torch.Tensor:
         """This rank's loss on its rows of the next batch, weighted so the mean over ranks is the global mean."""
-        nonlocal tokens
         batch = next(streams[task])
         share = batch.get("share", 1.0)  # this rank's fraction of the global batch
         if share == 0:  # a global batch smaller than the number of ranks left this one no rows
             return torch.zeros((), device=rt.device)
         weight = share * rt.ranks.world / accum
-        tokens += sum(int(v.sum()) for k, v in batch.items() if k.startswith("attention_mask"))  # still on the CPU
+        passes.tokens += sum(int(v.sum()) for k, v in batch.items() if k.startswith("attention_mask"))  # on the CPU
         batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        if keep:
+            passes.batches.setdefault(task, []).append((batch, weight))
         with autocast(rt.device, rt.precision):
             loss = task_loss(model, task, batch, cfg, state) * weight
-        losses[task] += loss.detach()
+        passes.losses[task] += loss.detach()
         return loss
 
-    if state.gradnorm:  # every task's graph at once: GradNorm needs all gradient norms on the shared layer
+    if state.gradnorm:
         layer = model.gradnorm_parameters(cfg.methods.gradnorm_layer)
         for _ in range(accum):
             task_losses = [draw(t) for t in tasks]
-            measured.append(state.gradnorm.measure(task_losses, layer, rt.ranks.mean, scaler.scale_value))
+            passes.measured.append(state.gradnorm.measure(task_losses, layer, rt.ranks.mean, scaler.scale_value))
             scaler.scale(state.gradnorm.weighted_sum(task_losses)).backward()
-    else:
-        for task in tasks:
-            for _ in range(accum):
-                loss = draw(task)
-                if loss.requires_grad:  # False for a parameter-free head (cosine) on a frozen encoder
-                    scaler.scale(loss).backward()
-            if cfg.methods.pcgrad:  # move this task's shared gradients aside; the next backward starts from zero
-                rt.ranks.gradients(trainable)  # PCGrad projects the gradients of the global batch
-                scaler.unscale_(shared, found_inf)  # at scale 1 and checked before any dot product
-                task_grads.append([p.grad for p in shared])
-                for p in shared:
-                    p.grad = None
-    if not cfg.methods.pcgrad:
+        return passes
+    for i, task in enumerate(tasks):
+        for _ in range(accum):
+            loss = draw(task)
+            if weighting is not None:  # c_i from this micro-batch's loss on the global batch (FAMO uses its value)
+                loss = weighting.coefficient(i, rt.ranks.mean(loss.detach()) * accum) * loss
+            if loss.requires_grad:  # False for a parameter-free head (cosine) on a frozen encoder
+                scaler.scale(loss).backward()
+        if state.aggregator:  # move this task's shared gradients aside; the next backward starts from zero
+            rt.ranks.gradients(trainable)  # the aggregator sees the gradients of the global batch
+            scaler.unscale_(shared, passes.found_inf)  # at scale 1 and checked before the Gram matrix is formed
+            passes.task_grads.append([p.grad for p in shared])
+            for p in shared:
+                p.grad = None
+    regularizer = weighting.regularizer() if weighting is not None else None
+    if regularizer is not None:  # UW's Σ s_i / 2: the same on every rank
+        scaler.scale(regularizer).backward()
+    return passes
+
+
+@torch.no_grad()
+def losses_again(model: MultitaskBert, passes: Passes, rt: Runtime) -> torch.Tensor:
+    """The (k,) task losses of the global batch on the step's own batches after its update, without gradients
+    (FAMO's second look; --smart, whose term needs gradients, is refused with FAMO)."""
+    with autocast(rt.device, rt.precision):
+        again = [sum(model.loss(task, batch).float() * weight for batch, weight in passes.batches[task])
+                 for task in passes.losses]
+    return rt.ranks.mean(torch.stack(again))
+
+
+def train_step(model: MultitaskBert, optimizer: torch.optim.Optimizer, streams: dict, tasks: list[str],
+               cfg: TrainConfig, state: MethodState, rt: Runtime) -> StepResult:
+    """One optimizer step on `grad_accum` batches of each task in `tasks`: by default one backward per task (only
+    one task's graph alive at a time) and the task gradients summed; a loss weighting scales each task's loss; an
+    aggregator combines the task gradients on the shared parameters (heads, streams and PALs keep their own).
+    Under fp16 every backward is of the scaled loss, and every task's gradients are unscaled and checked before
+    they meet (an aggregator's Gram matrix, GradNorm's norms, clipping); a step with inf/NaN anywhere is skipped."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler, weighting = state.scaler, state.weighting
+    extra = state.learned()  # UW's / IMTL-L's loss scales, trained beside the model
+    trainable = [p for p in model.parameters() if p.requires_grad] + extra
+    shared = model.shared_parameters() if state.aggregator else []
+    passes = forward_and_backward(model, streams, tasks, cfg, state, rt, trainable, shared)
+
+    # ---- all-reduce, unscale and check ------------------------------------------------------------------------------
+    if not state.aggregator:
         rt.ranks.gradients(trainable)
-    in_shared = {id(p) for p in shared}  # PCGrad's shared gradients are unscaled already
-    scaler.unscale_([p for p in trainable if id(p) not in in_shared], found_inf)
-    values = torch.cat([rt.ranks.mean(torch.stack(list(losses.values()))), found_inf]).tolist()  # the one sync
-    losses = dict(zip(losses, values[:-1]))  # the global batch's losses: the same on every rank, as is found_inf
-    bad = [f"the {t} loss is {v}" for t, v in losses.items() if not math.isfinite(v)] + \
+    in_shared = {id(p) for p in shared}  # an aggregator's shared gradients are unscaled already
+    scaler.unscale_([p for p in trainable if id(p) not in in_shared], passes.found_inf)
+    global_losses = rt.ranks.mean(torch.stack(list(passes.losses.values())))  # the same on every rank
+    normalizer = weighting.normalizer(global_losses) if weighting is not None else None
+    values = torch.cat([global_losses, passes.found_inf]).tolist()  # the one sync
+    losses = dict(zip(passes.losses, values[:-1]))
+    problems = [f"the {t} loss is {v}" for t, v in losses.items() if not math.isfinite(v)] + \
         (["a gradient is inf or NaN"] if values[-1] else []) + \
-        (["a GradNorm gradient norm is inf or NaN"] if any(not torch.isfinite(n).all() for n, _ in measured) else [])
-    if bad:  # every rank takes this decision on the same values
-        if not scaler.enabled:  # float32 / bf16: a non-finite loss stops the run before the update
-            raise NonFiniteLoss(bad[0])
-        scaler.update(skipped=True)  # fp16: skip the whole step, try again at half the scale
-        if scaler.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            raise NonFiniteLoss(f"{scaler.skipped_in_a_row} steps in a row were skipped under fp16 ({bad[0]}; loss "
-                                f"scale now {scaler.scale_value:g})")
+        (["a GradNorm gradient norm is inf or NaN"] if any(not torch.isfinite(n).all() for n, _ in passes.measured)
+         else [])
+    if not scaler.check(problems):  # every rank takes this decision on the same values
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(losses, tokens, stepped=False)
-    scaler.update(skipped=False)
-    if cfg.methods.pcgrad:  # random projection order from its own seeded RNG, the same on every rank
-        for p, g in zip(shared, pcgrad(task_grads, generator=state.pcgrad_generator)):
+        return StepResult(losses, passes.tokens, stepped=False)
+
+    # ---- combine ----------------------------------------------------------------------------------------------------
+    if state.aggregator:  # every rank combines the same all-reduced gradients into the same result
+        loss_vector = torch.tensor(values[:-1], dtype=torch.float64)
+        for p, g in zip(shared, state.aggregator(passes.task_grads, loss_vector)):
             p.grad = g
-    for norms, current in measured:
+    if normalizer is not None:  # FAMO's 1/c, one factor for every gradient
+        for p in trainable:
+            if p.grad is not None:
+                p.grad.mul_(normalizer)
+
+    # ---- optimizer step and the methods' updates --------------------------------------------------------------------
+    for norms, current in passes.measured:
         state.gradnorm.update(norms, current)
     if cfg.optim.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     optimizer.step()
     if state.teacher:
         state.teacher.update(model)
-    return StepResult(losses, tokens)
+    if weighting is not None:
+        weighting.observe(torch.tensor(values[:-1]))
+        if weighting.needs_new_losses:
+            weighting.update(losses_again(model, passes, rt).cpu())
+    return StepResult(losses, passes.tokens)

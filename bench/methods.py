@@ -1,0 +1,88 @@
+"""Seconds per training step of every multi-task method beside summed losses: MiniLM, README command 1's batches.
+
+    python bench/methods.py --data_dir ../shared/data                   # every aggregator and loss weighting
+    python bench/methods.py --methods sum,pcgrad,famo --steps 6 --markdown
+
+Each method starts from the same weights and runs train_step on the same batches (32 sentences or pairs of each of
+SST, Quora and STS per step, length-bucketed as train.py draws them): `--warmup` untimed steps, then the median of
+`--steps` timed ones. The methods are timed in turn, `--rounds` times round robin, so a slow spell of the machine
+falls on all of them alike; the table gives each method's median step and its ratio to summed.
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import TaskStream  # noqa: E402
+from heads import MultitaskBert  # noqa: E402
+from optim import AdamW  # noqa: E402
+from optim.aggregation import AGGREGATORS  # noqa: E402
+from optim.weighting import WEIGHTINGS  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.step import MethodState, Runtime, train_step  # noqa: E402
+
+TASKS = ["sst", "para", "sts"]
+
+
+def method_flags(name: str) -> dict:
+    """The train.py flags of a method name: an aggregator, a loss weighting, or 'sum' (neither)."""
+    if name in AGGREGATORS:
+        return {"aggregator": name}
+    if name in WEIGHTINGS:
+        return {"loss_weighting": name}
+    raise SystemExit(f"unknown method {name!r}; choose from {', '.join(AGGREGATORS + WEIGHTINGS)}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data_dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    p.add_argument("--methods", default=",".join(dict.fromkeys(AGGREGATORS + WEIGHTINGS)))
+    p.add_argument("--steps", type=int, default=4, help="timed steps per method and round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per method and round")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args(argv)
+    methods = args.methods.split(",")
+    torch.manual_seed(0)
+    base = MultitaskBert.from_pretrained("minilm")
+    cfg0 = TrainConfig.from_flags(model="minilm", data_dir=args.data_dir)
+    encoded = {t: base.encode(cfg0.data.read(t, "train"), cfg0.model.max_length) for t in TASKS}
+    rt, seconds = Runtime(torch.device("cpu")), {m: [] for m in methods}
+    setups = {}
+    for name in methods:
+        cfg = TrainConfig.from_flags(model="minilm", data_dir=args.data_dir, batch_size=args.batch_size,
+                                     **method_flags(name))
+        model = copy.deepcopy(base).train()
+        state = MethodState.create(model, cfg, "fp32")
+        groups = model.parameter_groups(cfg.optim.lr, cfg.optim.head_lr, cfg.optim.weight_decay)
+        learned = [{"params": state.learned(), "lr": cfg.optim.head_lr, "weight_decay": 0.0}] if state.learned() else []
+        optimizer = AdamW(groups + learned, lr=cfg.optim.lr)
+        streams = {t: TaskStream(encoded[t], args.batch_size, seed=cfg.run.seed + i) for i, t in enumerate(TASKS)}
+        setups[name] = (cfg, model, state, optimizer, streams)
+    for round_ in range(args.rounds):
+        for name, (cfg, model, state, optimizer, streams) in setups.items():
+            for step in range(args.warmup + args.steps):
+                started = time.perf_counter()
+                train_step(model, optimizer, streams, TASKS, cfg, state, rt)
+                if step >= args.warmup:
+                    seconds[name].append(time.perf_counter() - started)
+            print(f"round {round_ + 1}: {name} {statistics.median(seconds[name]):.2f} s/step", file=sys.stderr)
+    summed = statistics.median(seconds["sum"]) if "sum" in seconds else None
+    rows = [[name, f"{statistics.median(s):.2f}", f"{statistics.median(s) / summed:.2f}×" if summed else "–"]
+            for name, s in seconds.items()]
+    header = ["method", "s / step", "vs summed"]
+    if args.markdown:
+        print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+        print("\n".join("| " + " | ".join(r) + " |" for r in rows))
+    else:
+        print("\n".join(f"{r[0]:14s} {r[1]:>8s} {r[2]:>8s}" for r in [header] + rows))
+
+
+if __name__ == "__main__":
+    main()
