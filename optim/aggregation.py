@@ -17,9 +17,11 @@ _F32_EPS = torch.finfo(torch.float32).eps  # G comes from float32 products: eige
 _TOL = 1e-9  # KKT tolerance of the exact solvers, on G scaled to unit trace
 
 
-def _combine(task_grads: Sequence[Sequence[Tensor | None]], weights: Callable[[Tensor], Tensor]) -> list[Tensor | None]:
+def _combine(task_grads: Sequence[Sequence[Tensor | None]], weights: Callable[[Tensor], Tensor],
+             workspace: dict | None = None) -> list[Tensor | None]:
     """Flatten to (k, D) float32, w = weights((flat @ flat.T).double().cpu()), Σ_j w_j g_j split back per parameter in
-    its dtype (None where no task has a gradient, and then no weights are computed)."""
+    its dtype (None where no task has a gradient, and then no weights are computed). With a `workspace` dict the
+    (k, D) matrix is kept there and refilled on the next call of the same shape: a step then allocates nothing big."""
     k = len(task_grads)
     if k == 0:
         raise ValueError("need at least one task")
@@ -35,13 +37,15 @@ def _combine(task_grads: Sequence[Sequence[Tensor | None]], weights: Callable[[T
     device = refs[present[0]].device
     sizes = [refs[p].numel() for p in present]
 
-    flat = torch.stack([  # (k, D), D = total number of gradient entries
-        torch.cat([
-            (g[p] if g[p] is not None else torch.zeros_like(refs[p])).reshape(-1).to(device, torch.float32)
-            for p in present
-        ])
-        for g in task_grads
-    ])
+    shape = (k, sum(sizes))  # (k, D), D = total number of gradient entries
+    flat = (workspace or {}).get("flat")
+    if flat is None or flat.shape != shape or flat.device != device:
+        flat = torch.empty(shape, dtype=torch.float32, device=device)
+        if workspace is not None:
+            workspace["flat"] = flat
+    for row, g in zip(flat, task_grads):
+        torch.cat([(g[p] if g[p] is not None else torch.zeros_like(refs[p])).reshape(-1).to(device, torch.float32)
+                   for p in present], out=row)
     w = weights((flat @ flat.T).double().cpu())  # (k,) from the (k, k) Gram matrix, computed once
     combined = w.to(device, torch.float32) @ flat  # (D,)
 
@@ -129,6 +133,7 @@ class Aggregator:
         self.num_tasks, self.scale = num_tasks, scale
         self.last_weights: Tensor | None = None
         self.generator: torch.Generator | None = None
+        self._workspace: dict = {}  # the (k, D) gradient matrix, kept between calls (see _combine)
 
     def _weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -150,7 +155,7 @@ class Aggregator:
         """One combined gradient per parameter from task_grads[i][p] (None = zero), in each parameter's dtype."""
         if len(task_grads) != self.num_tasks:
             raise ValueError(f"{self.name}: expected {self.num_tasks} tasks' gradients, got {len(task_grads)}")
-        return _combine(task_grads, lambda gram: self.weights(gram, losses))
+        return _combine(task_grads, lambda gram: self.weights(gram, losses), self._workspace)
 
     def state_dict(self) -> dict[str, Tensor]:
         state = {name: getattr(self, name).clone() for name in self._state}
