@@ -80,6 +80,12 @@ ROWS = [
     Row("baseline", "summed"),
     Row("gradient surgery", "PCGrad", ("--pcgrad",)),
     Row("task weighting", "GradNorm", ("--gradnorm",)),
+    *[Row("gradient aggregation", name, ("--aggregator", flag)) for name, flag in (
+        ("mean", "mean"), ("MGDA", "mgda"), ("IMTL-G", "imtl_g"), ("CAGrad", "cagrad"), ("Nash-MTL", "nash_mtl"),
+        ("Aligned-MTL", "aligned_mtl"), ("UPGrad", "upgrad"), ("DualProj", "dualproj"), ("GradVac", "gradvac"))],
+    *[Row("task weighting", name, ("--loss_weighting", *flags)) for name, flags in (
+        ("UW", ("uw",)), ("DWA every 10 steps", ("dwa", "--dwa_every", "10")), ("RLW", ("rlw",)),
+        ("FAMO", ("famo",)), ("IMTL-L", ("imtl_l",)))],
     Row("regularisation", "SMART", ("--smart",)),
     Row("scheduling", "random", ("--scheduler", "random")),
     Row("scheduling", "round_robin", ("--scheduler", "round_robin")),
