@@ -12,9 +12,10 @@ from pathlib import Path
 from data import TASKS
 from heads import MultitaskBert
 from heads.export import export_sentence_transformer
+from minbert.checkpoint import read_json
 from minbert.errors import ConfigError, MinbertError
 from minbert.runtime import AMP_CHOICES, resolve_device, resolve_precision
-from training.config import DataOptions
+from training.config import DataOptions, TrainConfig
 from training.evaluation import average, dev_metrics, labels_by_id, write_predictions
 from training.plots import plot_predictions
 
@@ -101,8 +102,14 @@ def export(args: argparse.Namespace) -> dict:
     """--export: the encoder of one checkpoint as a transformers + sentence-transformers folder."""
     if len(args.checkpoints) != 1:
         raise ConfigError("--export takes one checkpoint")
-    model = MultitaskBert.from_checkpoint(args.checkpoints[0])
-    directory = export_sentence_transformer(model, args.export)
+    checkpoint = Path(args.checkpoints[0])
+    model = MultitaskBert.from_checkpoint(checkpoint)
+    sets = checkpoint.resolve().parent  # a set of a run: RUN/checkpoints/step-N, whose options are RUN's
+    options = sets.parent / "train_config.json"
+    command = TrainConfig.from_dict(read_json(options)).command() if sets.name == "checkpoints" and \
+        options.is_file() else None
+    directory = export_sentence_transformer(model, args.export, metrics=MultitaskBert.checkpoint_metadata(checkpoint),
+                                            command=command)
     print(f"wrote {directory}: load it with transformers.AutoModel.from_pretrained({str(directory)!r}) or "
           f"sentence_transformers.SentenceTransformer({str(directory)!r})")
     return {"export": str(directory)}

@@ -145,14 +145,34 @@ def evaluate_and_save(session: Session, model: MultitaskBert, dev: dict, state: 
                       **methods.log(session.cfg.tasks),
                       **({"loss_scale": methods.scaler.scale_value, "skipped_steps": methods.scaler.skipped}
                          if methods.scaler.enabled else {})}
+    if record is not None:
+        early_stopping(session.cfg, p, record)
     is_best = save(session, model, state, record)
+    p.stopped = session.rt.ranks.broadcast_object(p.stopped)  # rank 0 decides; every rank stops with it
     if record is not None:
         session.log((f"epoch {p.epoch}: " if epoch_end else f"step {p.global_step} (epoch {p.epoch + 1}): ")
                     + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + (" (best, saved)" if is_best else "")
                     + "".join(f" | {k} {v}" for k, v in (epoch_end or {}).items())
                     + (f" | GradNorm weights {methods.gradnorm.weights.tolist()}" if methods.gradnorm else
                        "".join(f" | {k} {v:.4f}" for k, v in methods.log(session.cfg.tasks).items())))
+    if p.stopped:
+        session.log(p.stopped)
     window.restart()
+
+
+def early_stopping(cfg: TrainConfig, p: Progress, record: dict) -> None:
+    """Count the evaluations without a gain of more than --early_stopping_threshold in --best_metric; after
+    --early_stopping_patience of them, say why the run stops (in the record: metrics.jsonl keeps it)."""
+    patience, metric = cfg.loop.early_stopping_patience, cfg.loop.best_metric
+    if not patience:
+        return
+    gain = p.is_better(record[metric], lower_is_better(metric), cfg.loop.early_stopping_threshold)
+    p.stale_evaluations = 0 if gain else p.stale_evaluations + 1
+    if p.stale_evaluations >= patience:
+        record["stopped"] = p.stopped = (f"early stopping at epoch {p.epoch + (p.step > 0)} step {p.global_step}: "
+                                         f"{metric} gained no more than {cfg.loop.early_stopping_threshold:g} over "
+                                         f"its best ({p.best_score:.4f} at step {p.best_step}) in {patience} "
+                                         "evaluation(s) in a row")
 
 
 def stop_on_sigterm(session: Session, model: MultitaskBert, state: TrainState) -> None:
@@ -197,6 +217,8 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
         if p.step < steps:  # the end of the epoch evaluates and saves anyway
             if cfg.loop.eval_every and p.global_step % cfg.loop.eval_every == 0:
                 evaluate_and_save(session, model, dev, state, window)
+                if p.stopped:
+                    return
             elif cfg.run.save_every and p.global_step % cfg.run.save_every == 0:
                 save(session, model, state)
     bar.close()
@@ -282,6 +304,8 @@ def run_training(cfg: TrainConfig, session: Session) -> dict:
     # ---- loop: each epoch ends with a dev evaluation and a checkpoint set ---------------------------------------
     session.term.deferred = True  # SIGTERM from here on: the loop saves the step it stands at, then stops
     for epoch in range(state.progress.epoch, cfg.loop.epochs):
+        if state.progress.stopped:  # early stopping (also in a resumed run that had stopped)
+            break
         model.train()
         plan = sampler.schedule(epoch + 1) if sampler else None
         train_epoch(session, model, epoch, plan, steps_per_epoch, streams, state, dev)

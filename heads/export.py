@@ -8,7 +8,7 @@ those of sentence-transformers' own hub models (e.g. all-MiniLM-L6-v2), the form
 from pathlib import Path
 
 from minbert.bilstm import BiLSTMEncoder
-from minbert.checkpoint import save_json, save_tensors
+from minbert.checkpoint import atomic_write, save_json, save_tensors
 from minbert.errors import ConfigError
 from minbert.model import merged_state_dict
 
@@ -54,12 +54,40 @@ def save_pooler_as_dense(model: MultitaskBert, directory: Path) -> None:
                "activation_function": TANH}, directory / "config.json")
 
 
-def export_sentence_transformer(model: MultitaskBert, directory: str | Path,
-                                max_seq_length: int | None = None) -> Path:
+def model_card(model: MultitaskBert, directory: Path, metrics: dict | None = None, command: str | None = None) -> str:
+    """README.md in the model-card form of sentence-transformers and the Hub: YAML metadata, then the base model,
+    the tasks, the checkpoint's dev metrics, the command that trained it and how to load it."""
+    base, tasks = model.base_model or "a BERT checkpoint", ", ".join(model.config.tasks)
+    scores = {k: v for k, v in (metrics or {}).items() if isinstance(v, float)}
+    lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
+             "tags: [sentence-transformers, feature-extraction, sentence-similarity, minbert]",
+             *([f"base_model: {base}"] if model.base_model else []), "---", "",
+             f"# {directory.name}", "",
+             f"A sentence encoder fine-tuned with minbert from {base} on the CS224N multi-task "
+             f"tasks {tasks} ({model.pooling.kind} pooling, {model.config.pair_encoding}-encoded pairs); the task "
+             "heads stay in minbert.", ""]
+    if scores:
+        lines += ["## Dev metrics", "", "| metric | value |", "|---|---|",
+                  *[f"| {k} | {v:.4f} |" for k, v in scores.items()], ""]
+        if "step" in (metrics or {}):
+            lines[-1:-1] = ["", f"Of the checkpoint of epoch {metrics.get('epoch')}, step {metrics['step']}."]
+    if command:
+        lines += ["## Training", "", "```bash", command, "```", ""]
+    lines += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer",
+              f"model = SentenceTransformer({str(directory)!r})",
+              'embeddings = model.encode(["A man is playing a guitar.", "Someone plays guitar."])', "",
+              "from transformers import AutoModel, AutoTokenizer",
+              f"encoder, tokenizer = AutoModel.from_pretrained({str(directory)!r}), "
+              f"AutoTokenizer.from_pretrained({str(directory)!r})", "```", ""]
+    return "\n".join(lines)
+
+
+def export_sentence_transformer(model: MultitaskBert, directory: str | Path, max_seq_length: int | None = None,
+                                metrics: dict | None = None, command: str | None = None) -> Path:
     """Write the encoder and tokenizer as a transformers folder plus the sentence-transformers modules for the
-    model's pooling; LoRA/DoRA is merged into the saved weights (the model keeps its adapters). `max_seq_length`
-    defaults to the encoder's positions, at most 512. Raises ConfigError (a ValueError) for what cannot be
-    expressed."""
+    model's pooling, and README.md (model_card: `metrics` and `command` when given); LoRA/DoRA is merged into the
+    saved weights (the model keeps its adapters). `max_seq_length` defaults to the encoder's positions, at most
+    512. Raises ConfigError (a ValueError) for what cannot be expressed."""
     reason = export_refusal(model)
     if reason is not None:
         raise ConfigError(f"minbert: cannot export to {directory}: {reason}")
@@ -81,4 +109,6 @@ def export_sentence_transformer(model: MultitaskBert, directory: str | Path,
               directory / "1_Pooling" / "config.json")
     if pooler:
         save_pooler_as_dense(model, directory / "2_Dense")
+    card = model_card(model, directory, metrics, command)
+    atomic_write(directory / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
     return directory

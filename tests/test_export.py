@@ -228,3 +228,24 @@ def test_evaluate_export_writes_a_folder_both_libraries_load(tmp_path, tiny_mode
     with pytest.raises(SystemExit) as info:
         evaluate.main([str(tmp_path / "ckpt"), str(tmp_path / "ckpt"), "--export", str(tmp_path / "x")])
     assert info.value.code == 2 and "--export takes one checkpoint" in capsys.readouterr().err
+
+
+def test_export_writes_a_model_card_with_the_metrics_and_the_command(tiny_model_dir, tiny_data_dir, tmp_path):
+    import evaluate
+    import train
+    from test_train import run_args
+    from training.config import parse_args
+    run = tmp_path / "run"
+    train.main(run_args(tiny_model_dir, tiny_data_dir, run, "--epochs", "1", "--pooling", "cls", "--no-bucket"))
+    evaluate.main([str(run / "best"), "--export", str(tmp_path / "out")])
+    card = (tmp_path / "out" / "README.md").read_text()
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert "library_name: sentence-transformers" in front and f"base_model: {tiny_model_dir}" in front
+    metrics = MultitaskBert.checkpoint_metadata(run / "best")
+    assert f"| overall | {metrics['overall']:.4f} |" in body and f"step {metrics['step']}" in body
+    command = body.split("```bash\n")[1].split("\n```")[0]
+    assert command.startswith("python train.py ") and "--pooling cls" in command and "--no-bucket" in command
+    trained = json.loads((run / "train_config.json").read_text())
+    assert parse_args(command.split()[2:]).to_dict() == {  # the command gives the run's options back
+        **trained, "run": {**trained["run"], "resume": False, "overwrite": False}}
+    assert "SentenceTransformer(" in body

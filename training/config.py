@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data import TASKS, TaskDataset, load_split, split_path
 from data.tasks import OBJECTIVES
 from heads import POOLINGS, HeadConfig
-from minbert.errors import ConfigError
+from minbert.errors import ConfigError, MinbertError
 from minbert.lora import MODES as LORA_MODES
 from minbert.lora import SCALINGS as LORA_SCALINGS
 from minbert.lora import VARIANTS as LORA_VARIANTS
@@ -216,12 +217,17 @@ class LoopOptions:
     eval_every: int = flag(0, "also evaluate on dev (and save) every N steps (0 = at the end of each epoch only)")
     best_metric: str = flag("overall", "the dev metric that picks best/ (e.g. sst_acc, sts_spearman; *_mse: lower "
                             "is better)")
+    early_stopping_patience: int = flag(0, "stop after N evaluations in a row without a gain in --best_metric "
+                                        "(0 = off; evaluations: each epoch's end and every --eval_every steps)")
+    early_stopping_threshold: float = flag(0.0, "a gain must be larger than this to reset the patience")
     eval_batch_size: int = 256
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
             at_least(name, getattr(self, name), 1)
         at_least("eval_every", self.eval_every, 0)
+        at_least("early_stopping_patience", self.early_stopping_patience, 0)
+        at_least("early_stopping_threshold", self.early_stopping_threshold, 0)
         if self.steps_per_epoch is not None:
             at_least("steps_per_epoch", self.steps_per_epoch, 1)
 
@@ -450,6 +456,19 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def command(self) -> str:
+        """The train.py command line of these options: the flags that differ from the defaults (not --resume or
+        --overwrite, which say what to do with the folder)."""
+        defaults, parts = TrainConfig().flags(), ["python", "train.py"]
+        for name, value in self.flags().items():
+            if value == defaults[name] or name in NOT_FROM_FILES:
+                continue
+            if isinstance(value, bool):
+                parts.append(f"--{'' if value else 'no-'}{name}")
+            else:
+                parts += [f"--{name}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+        return " ".join(parts)
+
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """Inverse of to_dict (train_config.json)."""
@@ -470,6 +489,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """argparse built from the option groups: `--name value`, booleans as `--flag` / `--no-flag`."""
     p = argparse.ArgumentParser(prog="train.py", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="a JSON file of options, flat or grouped as the train_config.json "
+                   "of every run (its resume and overwrite are not read); flags given here override it")
     for group, cls in GROUPS.items():
         section = p.add_argument_group(group, cls.__doc__)
         for f in dataclasses.fields(cls):
@@ -492,11 +513,49 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+NOT_FROM_FILES = ("resume", "overwrite")  # what to do with the folder: the command line's say alone
+
+
+def read_options(path: str | Path) -> dict:
+    """The options of a --config file: a JSON object of flags, flat ({"lr": 1e-4}) or grouped as train_config.json
+    writes them ({"optim": {"lr": 1e-4}}); unknown names, and values of the wrong type or choice, are refused."""
+    from minbert.checkpoint import read_json
+
+    try:
+        options = read_json(path)
+    except MinbertError as err:  # missing or not JSON: a usage error, like a bad flag
+        raise ConfigError(f"--config {str(err).removeprefix('minbert: ')}") from None
+    found = {}
+    for key, value in options.items():
+        found.update(value if key in GROUPS and isinstance(value, dict) else {key: value})
+    unknown = [name for name in found if name not in FLAGS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; see python train.py --help")
+    for name, value in found.items():
+        f = FLAGS[name][1]
+        kind = {"bool": bool, "int": int, "float": (int, float), "str": str, "list[str]": list}[
+            str(f.type).removesuffix(" | None")]
+        if not (value is None and "None" in str(f.type)) and (not isinstance(value, kind) or
+                                                               isinstance(value, bool) and kind is not bool):
+            raise ConfigError(f"{path}: {name} must be {str(f.type).replace(' | None', ' or null')}, got "
+                              f"{json.dumps(value)}")
+        choices = f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"{path}: {name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return {k: v for k, v in found.items() if k not in NOT_FROM_FILES}
+
+
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
-    """The command line as a TrainConfig; a bad value or combination is a usage error (exit code 2) naming it."""
+    """The command line as a TrainConfig, on top of a --config file's options when one is given; a bad value or
+    combination is a usage error (exit code 2) naming it."""
     parser = build_parser(description)
     try:
-        return TrainConfig.from_flags(**vars(parser.parse_args(argv)))
+        config = parser.parse_known_args(argv)[0].config
+        if config:
+            parser.set_defaults(**read_options(config))  # the command line's flags override the file's
+        options = vars(parser.parse_args(argv))
+        options.pop("config")
+        return TrainConfig.from_flags(**options)
     except ConfigError as err:
         parser.error(str(err))
 

@@ -25,10 +25,12 @@ class Progress:
     best_score: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)  # metrics.jsonl, one record per evaluation
+    stale_evaluations: int = 0  # evaluations in a row without a gain over the best (--early_stopping_patience)
+    stopped: str = ""  # why the run stopped before its last epoch (early stopping), else ""
 
-    def is_better(self, score: float, lower: bool = False) -> bool:
-        """Whether `score` beats the best so far (higher is better, or lower when `lower`)."""
-        return self.best_score is None or (score < self.best_score if lower else score > self.best_score)
+    def is_better(self, score: float, lower: bool = False, by: float = 0.0) -> bool:
+        """Whether `score` beats the best so far by more than `by` (higher is better, or lower when `lower`)."""
+        return self.best_score is None or (score < self.best_score - by if lower else score > self.best_score + by)
 
 
 @dataclass
