@@ -39,7 +39,7 @@ def smart_loss(
     clean_output: Tensor,
     kind: str,
     sigma: float = 1e-5,
-    epsilon: float = 1e-5,
+    epsilon: float = 1e-3,  # train.py's --smart_eps; the SMART paper's is 1e-5
     step_size: float = 1e-3,
     steps: int = 1,
     generator: torch.Generator | None = None,
