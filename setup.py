@@ -13,10 +13,12 @@ setup(
     install_requires=["torch>=2.3", "numpy", "scipy", "tokenizers>=0.15", "safetensors>=0.4", "tqdm"],
     extras_require={
         "plots": ["matplotlib"],
+        "tensorboard": ["tensorboard"],  # --report_to tensorboard
+        "wandb": ["wandb"],  # --report_to wandb
         # transformers, peft and sentence-transformers are reference oracles for the tests only; the library never
         # imports them
         "test": ["pytest", "transformers>=4.40", "peft>=0.10", "sentence-transformers>=3.0", "matplotlib",
-                 "nbclient", "ipykernel", "nbformat"],
+                 "nbclient", "ipykernel", "nbformat", "tensorboard", "wandb"],
     },
     entry_points={"console_scripts": ["minbert-train=train:main", "minbert-evaluate=evaluate:main"]},
 )

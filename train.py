@@ -150,6 +150,7 @@ def evaluate_and_save(session: Session, model: MultitaskBert, dev: dict, state: 
     is_best = save(session, model, state, record)
     p.stopped = session.rt.ranks.broadcast_object(p.stopped)  # rank 0 decides; every rank stops with it
     if record is not None:
+        session.tracker.log(record, p.global_step, "dev")
         session.log((f"epoch {p.epoch}: " if epoch_end else f"step {p.global_step} (epoch {p.epoch + 1}): ")
                     + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + (" (best, saved)" if is_best else "")
                     + "".join(f" | {k} {v}" for k, v in (epoch_end or {}).items())
@@ -211,9 +212,12 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
                                         window.tokens / (time.perf_counter() - window.started)))
         if session.run:
             groups = [g for g in state.optimizer.param_groups if "name" not in g]  # the model's: not the weighting's
-            session.run.log_step({"step": p.global_step, "epoch": epoch + 1, "lr": groups[0]["lr"],
-                                  "head_lr": groups[-1]["lr"], "stepped": result.stepped,
-                                  **{f"loss_{t}": v for t, v in result.losses.items()}})
+            record = {"step": p.global_step, "epoch": epoch + 1, "lr": groups[0]["lr"], "head_lr": groups[-1]["lr"],
+                      "stepped": result.stepped, **{f"loss_{t}": v for t, v in result.losses.items()}}
+            session.run.log_step(record)
+            session.tracker.log({**record, **state.methods.log(cfg.tasks), **(
+                {"loss_scale": state.methods.scaler.scale_value} if state.methods.scaler.enabled else {})},
+                p.global_step, "train")
         if p.step < steps:  # the end of the epoch evaluates and saves anyway
             if cfg.loop.eval_every and p.global_step % cfg.loop.eval_every == 0:
                 evaluate_and_save(session, model, dev, state, window)

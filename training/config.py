@@ -25,6 +25,8 @@ from optim.sampling import MODES as SAMPLING_MODES
 from optim.schedules import KINDS as LR_SCHEDULES
 from optim.weighting import WEIGHTINGS
 
+from .tracking import KINDS as TRACKERS
+
 SCHEDULERS = ("all", *SAMPLING_MODES)  # "all": one batch of every task per step, losses summed
 HEAD_HELP = ("a preset ({}) or a spec FEATURES[:W1,W2,...[:relu|gelu]] (features: {}), e.g. {}; see "
              "heads/task_heads.py")
@@ -347,6 +349,8 @@ class RunOptions:
     compile: bool = flag(False, "torch.compile the encoder (dynamic shapes; checkpoints keep their keys)")
     plots: bool = flag(False, "at the end, draw the training curves (steps.jsonl, metrics.jsonl) as PNG files in "
                        "OUTPUT_DIR/plots (needs matplotlib: the plots extra)")
+    report_to: str = flag("none", "live tracking of every step and evaluation: TensorBoard event files in "
+                          "OUTPUT_DIR/tensorboard, or a W&B run (the tensorboard / wandb extras)", TRACKERS)
 
     def __post_init__(self):
         if self.use_gpu:

@@ -44,7 +44,7 @@ STEPS = "steps.jsonl"
 # was saved: the run stopped before its first checkpoint)
 RUN_RESULTS = (POINTER, CHECKPOINTS, *LINKS, "metrics.jsonl",
                "train_state.json", "train_state.safetensors")  # these two: the layout before checkpoint sets
-RUN_LOGS = ("train_config.json", "run.log", STEPS, "plots")
+RUN_LOGS = ("train_config.json", "run.log", STEPS, "plots", "tensorboard", "wandb", "wandb_id")  # the last: --report_to
 OPTIONS = "train_config.json"
 SET_NAME = re.compile(rf"{CHECKPOINTS}/step-\d{{6,}}")  # what the pointer may name
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -18,10 +19,11 @@ from .config import FILE_FLAGS, FLAGS, TrainConfig
 from .distributed import GradientAllReduce
 from .run_dir import RunDir
 from .step import Runtime
+from .tracking import Tracker
 
 # options --resume may change: where and how fast the run goes, not what it computes
 RESUME_MAY_CHANGE = {"output_dir", "resume", "overwrite", "device", "use_gpu", "amp", "compile", "eval_batch_size",
-                     "save_every", "data_dir", "strict", "plots", "sweep", "seeds", *FILE_FLAGS}
+                     "save_every", "data_dir", "strict", "plots", "report_to", "sweep", "seeds", *FILE_FLAGS}
 
 
 class Terminated(BaseException):
@@ -60,6 +62,7 @@ class Session:
     run: RunDir | None = None
     resuming: bool = False
     term: TermSignal = field(default_factory=TermSignal)
+    tracker: Tracker = field(default_factory=lambda: Tracker("none", Path(), 0, {}))  # --report_to, rank 0
 
     @classmethod
     def start(cls, cfg: TrainConfig, what: str, extra_files: tuple[str, ...] = ()) -> Session:
@@ -79,6 +82,8 @@ class Session:
                         session.log(f"{cfg.run.output_dir} holds no committed checkpoint (the run stopped before its "
                                     "first save): starting it from the beginning")
                     session.run.write_options(cfg.to_dict())
+                    step = session.run.pointer()["step"] if session.resuming else 0
+                    session.tracker = Tracker(cfg.run.report_to, session.run.path, step, cfg.to_dict())
             session.resuming = ranks.broadcast_object(session.resuming)
         except BaseException:
             session.close(failed=True)
@@ -97,6 +102,7 @@ class Session:
     def close(self, failed: bool = False) -> None:
         """Leave the torchrun job (at once when `failed`), release the run folder and SIGTERM."""
         self.term.restore()
+        self.tracker.close()
         try:
             self.rt.ranks.close(failed)
         finally:
