@@ -5,8 +5,10 @@ setup(
     version="0.1.0",
     description="A hand-written BERT for CS224N multi-task fine-tuning (SST, Quora, STS) that loads real "
                 "Hugging Face checkpoints",
-    packages=["minbert", "heads", "optim", "data", "training"],
-    py_modules=["train", "evaluate"],
+    # one top-level name: the folders beside minbert/ are its subpackages (minbert/__init__.py does the same in a
+    # checkout), and the programs train.py and evaluate.py are minbert.training.train and minbert.training.evaluate
+    packages=["minbert", "minbert.heads", "minbert.optim", "minbert.data", "minbert.training"],
+    package_dir={"minbert": "minbert", **{f"minbert.{name}": name for name in ("heads", "optim", "data", "training")}},
     python_requires=">=3.10",
     # install torch first (`pip install torch==2.13.0` here, or the CUDA build on a GPU machine): this range
     # is then satisfied and pip fetches nothing more
@@ -20,5 +22,6 @@ setup(
         "test": ["pytest", "transformers>=4.40", "peft>=0.10", "sentence-transformers>=3.0", "matplotlib",
                  "nbclient", "ipykernel", "nbformat", "tensorboard", "wandb"],
     },
-    entry_points={"console_scripts": ["minbert-train=train:main", "minbert-evaluate=evaluate:main"]},
+    entry_points={"console_scripts": ["minbert-train=minbert.training.train:main",
+                                      "minbert-evaluate=minbert.training.evaluate:main"]},
 )

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import TaskStream  # noqa: E402
-from heads import MultitaskBert  # noqa: E402
-from optim import AdamW  # noqa: E402
-from optim.aggregation import AGGREGATORS  # noqa: E402
-from optim.weighting import WEIGHTINGS  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.step import MethodState, Runtime, train_step  # noqa: E402
+from minbert.data import TaskStream  # noqa: E402
+from minbert.heads import MultitaskBert  # noqa: E402
+from minbert.optim import AdamW  # noqa: E402
+from minbert.optim.aggregation import AGGREGATORS  # noqa: E402
+from minbert.optim.weighting import WEIGHTINGS  # noqa: E402
+from minbert.training.config import TrainConfig  # noqa: E402
+from minbert.training.step import MethodState, Runtime, train_step  # noqa: E402
 
 TASKS = ["sst", "para", "sts"]
 

@@ -21,7 +21,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minbert
-from data.readers import load_split
+from minbert.data.readers import load_split
 from minbert.loading import load_checked, minilm_dir, rename_keys
 
 transformers.utils.logging.set_verbosity_error()

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from data import TASKS, EncodedTask, TaskDataset, encode_dataset, eval_batches
-from data.tasks import Objective
+from minbert.data import TASKS, EncodedTask, TaskDataset, encode_dataset, eval_batches
+from minbert.data.tasks import Objective
 from minbert import BertModel, CheckpointError, Tokenizer
 from minbert.bilstm import BiLSTMConfig, BiLSTMEncoder
 from minbert.checkpoint import PICKLE_SUFFIXES, read_json, read_tensors, save_json, save_tensors
@@ -20,7 +20,7 @@ from minbert.loading import checked_config, default_model, load_checked
 from minbert.lora import ADAPTER_PARAMS, LoRAConfig
 from minbert.pals import PALs, PALsConfig
 from minbert.runtime import autocast, resolve_precision
-from optim import param_groups_for_weight_decay
+from minbert.optim import param_groups_for_weight_decay
 
 from .pooling import Pooling
 from .task_heads import HeadSpec, TaskHead, legacy_head_keys

@@ -56,5 +56,5 @@ if __name__ == "__main__":
     target, n, action, *argv = sys.argv[1:]
     if os.environ.get("FAULT_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
         arm(target, int(n), action)
-    import train
+    import minbert.training.train as train
     train.main(argv)

@@ -7,9 +7,9 @@ import torch
 import transformers
 
 import minbert
-import train
+import minbert.training.train as train
 from conftest import TINY, random_batch
-from heads import HeadConfig, MultitaskBert
+from minbert.heads import HeadConfig, MultitaskBert
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 

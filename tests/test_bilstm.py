@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, random_batch
-from heads import HeadConfig, MultitaskBert
+from minbert.heads import HeadConfig, MultitaskBert
 from minbert.bilstm import BiLSTMConfig, BiLSTMEncoder
 
 SMALL = dict(vocab_size=TINY["vocab_size"], embedding_dim=16, hidden_size=24, num_layers=2)

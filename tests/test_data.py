@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
-from data import (TASKS, DataError, TaskStream, batch_indices, collate, encode_dataset, eval_batches, load_split,
-                  read_task)
-from data.readers import FIELD_LIMIT
+import minbert.training.train as train
+from minbert.data import (TASKS, DataError, TaskStream, batch_indices, collate, encode_dataset, eval_batches,
+                          load_split, read_task)
+from minbert.data.readers import FIELD_LIMIT
 from test_train import exits, run_args
 
 SST, QUORA, STS = TASKS["sst"], TASKS["para"], TASKS["sts"]

@@ -5,13 +5,13 @@ import inspect
 
 import pytest
 
-from heads import HeadConfig
+from minbert.heads import HeadConfig
 from minbert.lora import LoRAConfig
 from minbert.pals import PALsConfig
-from optim import GradNorm, TaskSampler, smart_loss
-from optim.aggregation import _METHODS as AGGREGATOR_CLASSES
-from optim.weighting import _METHODS as WEIGHTING_CLASSES
-from training.config import METHOD_PREFIXES, TrainConfig
+from minbert.optim import GradNorm, TaskSampler, smart_loss
+from minbert.optim.aggregation import _METHODS as AGGREGATOR_CLASSES
+from minbert.optim.weighting import _METHODS as WEIGHTING_CLASSES
+from minbert.training.config import METHOD_PREFIXES, TrainConfig
 
 FLAGS = TrainConfig().flags()
 INTENDED = {  # Python default != flag default, on purpose

@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo) gives the same training as 1 process on the same global batches: summed
-losses, PCGrad, GradNorm, SMART, the adapters (DoRA, PALs) and the other aggregators and loss weightings; a fault on one rank (kill -9, SIGTERM, an error, a
-file-size limit) stops every rank within seconds with one message, and --resume under torchrun is bit-identical."""
+losses, PCGrad, GradNorm, SMART, the adapters (DoRA, PALs) and the other aggregators and loss weightings; a fault
+on one rank (kill -9, SIGTERM, an error, a file-size limit) stops every rank within seconds with one message, and
+--resume under torchrun is bit-identical."""
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
+import minbert.training.train as train
 from test_reliability import metrics_lines
 from test_train import assert_same_weights, run_args, weights
 
@@ -96,7 +97,8 @@ def test_a_fault_on_one_rank_stops_the_job_and_resume_under_torchrun_is_bit_iden
         two_rank_reference, tiny_model_dir, tiny_data_dir, tmp_path, fault, committed, message):
     run = tmp_path / "run"
     args = run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2")
-    job = torchrun("tests/fault_run.py", ["train:train_step", 5, fault, *args], tmp_path, {"FAULT_RANK": "1"})
+    job = torchrun("tests/fault_run.py", ["minbert.training.train:train_step", 5, fault, *args], tmp_path,
+                   {"FAULT_RANK": "1"})
     assert job.returncode != 0 and job.seconds < 90, job.stderr[-3000:]  # a rank never waits for a stopped one
     assert len(our_lines(job)) == 1 and re.fullmatch(message, our_lines(job)[0]), job.stderr[-3000:]
     assert json.loads((run / "checkpoint.json").read_text())["step"] == committed

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import evaluate
-from training.config import TrainConfig, build_parser
+import minbert.training.evaluate as evaluate
+from minbert.training.config import TrainConfig, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -41,7 +41,8 @@ def commands(page: Path) -> list[list[str]]:
                 words = shlex.split(part.replace("[", "").replace("]", ""))
                 if words[:2] in (["python", "train.py"], ["python", "evaluate.py"]) and "..." not in words:
                     found.append(words[1:])
-    inline = re.findall(r"`python ((?:train|evaluate)\.py [^`]*)`", re.sub(r"```.*?```", "", page.read_text(), flags=re.S))
+    prose = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    inline = re.findall(r"`python ((?:train|evaluate)\.py [^`]*)`", prose)
     return found + [shlex.split(c) for c in inline if "..." not in c and "--help" not in c]
 
 

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import minbert
 from conftest import TINY, random_batch
-from heads import HeadConfig, MultitaskBert
-from heads.export import export_sentence_transformer
+from minbert.heads import HeadConfig, MultitaskBert
+from minbert.heads.export import export_sentence_transformer
 from minbert.lora import VARIANTS, LoRAConfig, LoRALinear, apply_lora
 from minbert.pals import PALsConfig
 from test_model import assert_close_on_tokens
@@ -209,7 +209,7 @@ def test_what_cannot_be_expressed_is_refused_in_one_line(tmp_path, tiny_model_di
 
 def test_evaluate_export_writes_a_folder_both_libraries_load(tmp_path, tiny_model_dir, capsys):
     """`python evaluate.py CKPT --export DIR` on a multi-task checkpoint whose encoder was fine-tuned (LoRA merged)."""
-    import evaluate
+    import minbert.training.evaluate as evaluate
     torch.manual_seed(0)
     model = MultitaskBert.from_pretrained(tiny_model_dir, HeadConfig(pooling="cls"),
                                           lora=LoRAConfig(r=4, alpha=8, variant="dora")).eval()
@@ -231,10 +231,10 @@ def test_evaluate_export_writes_a_folder_both_libraries_load(tmp_path, tiny_mode
 
 
 def test_export_writes_a_model_card_with_the_metrics_and_the_command(tiny_model_dir, tiny_data_dir, tmp_path):
-    import evaluate
-    import train
+    import minbert.training.evaluate as evaluate
+    import minbert.training.train as train
     from test_train import run_args
-    from training.config import parse_args
+    from minbert.training.config import parse_args
     run = tmp_path / "run"
     train.main(run_args(tiny_model_dir, tiny_data_dir, run, "--epochs", "1", "--pooling", "cls", "--no-bucket"))
     evaluate.main([str(run / "best"), "--export", str(tmp_path / "out")])

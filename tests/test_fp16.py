@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import minbert.runtime
-import train
-from heads import MultitaskBert
-from optim import MAX_SKIPPED_IN_A_ROW, LossScaler, NonFiniteLoss
+import minbert.training.train as train
+from minbert.heads import MultitaskBert
+from minbert.optim import MAX_SKIPPED_IN_A_ROW, LossScaler, NonFiniteLoss
 from test_train import assert_same_weights, exits, one_batch_per_task, run_args, weights
-from training.config import TrainConfig, parse_args
-from training.step import MethodState, Runtime, train_step
+from minbert.training.config import TrainConfig, parse_args
+from minbert.training.step import MethodState, Runtime, train_step
 
 CPU = torch.device("cpu")
 
@@ -125,7 +125,8 @@ def test_inf_in_one_task_skips_the_step_for_all_and_lowers_the_scale(tiny_model_
     lr_sched.step()
     scale, skipped = state.scaler.scale_value, state.scaler.skipped
     before = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), lr_sched.last_epoch,
-              state.gradnorm and state.gradnorm.weights, {k: copy.deepcopy(m.state_dict()) for k, m in state.stateful()})
+              state.gradnorm and state.gradnorm.weights,
+              {k: copy.deepcopy(m.state_dict()) for k, m in state.stateful()})
     real_loss = train.train_step.__globals__["task_loss"]
     monkeypatch.setitem(train.train_step.__globals__, "task_loss", lambda model, task, *a: InfGrad.apply(
         real_loss(model, task, *a)) if task == "para" else real_loss(model, task, *a))
@@ -196,7 +197,7 @@ def test_fp16_run_resumes_bit_identical_with_its_loss_scale(tiny_model_dir, tiny
 
 
 def test_masked_lm_and_evaluation_run_under_fp16(tiny_model_dir, tiny_data_dir, tmp_path):
-    import evaluate
+    import minbert.training.evaluate as evaluate
     record = train.main(["--option", "mlm", "--model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir),
                          "--output_dir", str(tmp_path / "mlm"), "--epochs", "1", "--batch_size", "8", "--lr", "3e-3",
                          "--amp", "fp16"])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import minbert
-from heads import HeadConfig, HeadSpec, MultitaskBert, Pooling, TaskHead
+from minbert.heads import HeadConfig, HeadSpec, MultitaskBert, Pooling, TaskHead
 
 
 def tiny_multitask(tiny_model_dir, **head_kw) -> MultitaskBert:
@@ -213,7 +213,7 @@ def test_checkpoints_of_the_first_format_load_and_score_unchanged(tiny_model_dir
 
 
 def test_cfimdb_merged_into_sst_is_scored_by_the_sst_head(tiny_model_dir):
-    from data import TASKS, TaskDataset
+    from minbert.data import TASKS, TaskDataset
     model = tiny_multitask(tiny_model_dir, cfimdb_labels=[0, 4])
     assert model.scoring_head("cfimdb") == "sst" and "cfimdb" not in model.heads
     texts = ["the movie was very good", "awful film", "i do not know"]
@@ -269,7 +269,7 @@ def test_from_checkpoint_refuses_pickles_and_foreign_directories(tmp_path, tiny_
 
 def test_inputs_longer_than_the_position_embeddings_are_truncated(tiny_model_dir, tmp_path):
     from conftest import write_tsv
-    from data import read_task
+    from minbert.data import read_task
     model = tiny_multitask(tiny_model_dir)
     assert model.fit_length(512) == 64 and model.fit_length(32) == 32
     write_tsv(tmp_path / "sst.csv", ["", "id", "sentence", "sentiment"], [[0, "long", "the movie " * 100, 3]])

@@ -235,7 +235,7 @@ def test_config_from_json_file_names_the_file(tmp_path):
 
 
 def test_multitask_checkpoint_config_is_checked_against_its_weights(tiny_model_dir, tmp_path):
-    from heads import MultitaskBert
+    from minbert.heads import MultitaskBert
     MultitaskBert.from_pretrained(str(tiny_model_dir)).save(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["bert"]["intermediate_size"] = 10**5

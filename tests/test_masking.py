@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from data.masking import IGNORE_INDEX, mask_tokens, masked_lm_accuracy
+from minbert.data.masking import IGNORE_INDEX, mask_tokens, masked_lm_accuracy
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
 SPECIALS = [PAD, CLS, SEP, MASK]

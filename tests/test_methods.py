@@ -7,14 +7,14 @@ import shutil
 import pytest
 import torch
 
-import evaluate
-import train
+import minbert.training.evaluate as evaluate
+import minbert.training.train as train
 from conftest import WORDS, write_tsv
-from heads import HeadConfig, MultitaskBert
+from minbert.heads import HeadConfig, MultitaskBert
 from minbert.pals import PALsConfig
-from optim import TaskSampler
+from minbert.optim import TaskSampler
 from test_train import assert_same_weights, exits, kill_at_step, run_args, weights, without_timings
-from training.config import TrainConfig
+from minbert.training.config import TrainConfig
 
 
 def records(run, name: str = "metrics.jsonl") -> list[dict]:
@@ -88,7 +88,7 @@ def test_cfimdb_merged_into_sst_trains_on_mapped_labels_and_is_scored_alone(tiny
 
 
 def test_merged_labels_follow_the_map(data_with_cfimdb):
-    from data import merge_labels, read_task
+    from minbert.data import merge_labels, read_task
     sst = read_task(data_with_cfimdb / "ids-sst-train.csv", "sst")
     cfimdb = read_task(data_with_cfimdb / "ids-cfimdb-train.csv", "cfimdb")
     merged = merge_labels(sst, cfimdb, [0, 4])

@@ -4,7 +4,7 @@ import copy
 import torch
 from torch import nn
 
-from optim import AdamW, lr_lambda, param_groups_for_weight_decay
+from minbert.optim import AdamW, lr_lambda, param_groups_for_weight_decay
 
 SHAPES = [(4, 3), (3,), (2, 5, 2), (6,), (1, 1)]
 STEPS = 20

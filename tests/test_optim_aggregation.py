@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load as load_tensors, save as save_tensors
 from scipy.optimize import minimize
 
-from optim.aggregation import AGGREGATORS, _min_norm, _project, aggregator
-from optim.pcgrad import pcgrad
+from minbert.optim.aggregation import AGGREGATORS, _min_norm, _project, aggregator
+from minbert.optim.pcgrad import pcgrad
 
 MEAN_SCALE = {"mgda", "imtl_g", "cagrad", "upgrad", "dualproj"}  # the paper's scale is a mean's: sum = k · paper
 

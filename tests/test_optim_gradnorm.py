@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from optim import GradNorm
+from minbert.optim import GradNorm
 
 
 class Toy(nn.Module):

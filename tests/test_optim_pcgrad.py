@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from optim import pcgrad
+from minbert.optim import pcgrad
 
 
 def t(*values):

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from optim import TaskSampler, annealing_alpha, batches_per_task
+from minbert.optim import TaskSampler, annealing_alpha, batches_per_task
 
 SIZES = {"a": 1000, "b": 4000, "c": 16000}  # batch_size 1 -> 21000 draws per epoch
 TOL = 0.015  # > 4 standard deviations of a frequency over 21000 draws

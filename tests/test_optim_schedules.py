@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from optim import lr_lambda
+from minbert.optim import lr_lambda
 
 
 def test_hand_computed_values():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from optim import EMATeacher, bregman_divergence, divergence, smart_loss
+from minbert.optim import EMATeacher, bregman_divergence, divergence, smart_loss
 
 
 class Tiny(nn.Module):

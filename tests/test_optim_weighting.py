@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from optim.gradnorm import GradNorm
-from optim.weighting import WEIGHTINGS, LossWeighting, loss_weighting
+from minbert.optim.gradnorm import GradNorm
+from minbert.optim.weighting import WEIGHTINGS, LossWeighting, loss_weighting
 
 X, Y = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 1.0, -1.5])
 K = 3

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import evaluate
-import train
+import minbert.training.evaluate as evaluate
+import minbert.training.train as train
 from test_train import assert_same_weights, exits, run_args, weights, without_timings
-from training.run_dir import RunDir
+from minbert.training.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,11 +45,11 @@ def leftovers(run: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("target, n, when, committed", [
-    ("train:train_step", 5, "kill-before", 4),  # in the middle of training
+    ("minbert.training.train:train_step", 5, "kill-before", 4),  # in the middle of training
     ("minbert.checkpoint:save_file", 3, "kill-after", 2),  # mid-save: step 3's weights written, not yet renamed
-    ("training.state:TrainState.save", 3, "kill-after", 3),  # mid-save: step 4's set complete, not yet committed
-    ("training.run_dir:RunDir.refresh", 2, "kill-before", 3),  # just after step 3's commit, before links and metrics
-    ("train:evaluate", 2, "kill-before", 4),  # during the last evaluation
+    ("minbert.training.state:TrainState.save", 3, "kill-after", 3),  # mid-save: step 4's set complete, uncommitted
+    ("minbert.training.run_dir:RunDir.refresh", 2, "kill-before", 3),  # just after step 3's commit, before the links
+    ("minbert.training.train:evaluate", 2, "kill-before", 4),  # during the last evaluation
 ])
 def test_kill_9_anywhere_then_resume_is_bit_identical(reference, tiny_model_dir, tiny_data_dir, tmp_path, target,
                                                       n, when, committed):
@@ -163,7 +163,7 @@ def test_sigterm_saves_the_step_it_stands_at_and_resume_is_bit_identical(referen
                                                                          tmp_path):
     run = tmp_path / "run"
     args = run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2")
-    stopped = script("fault_run.py", "train:train_step", 5, "sigterm-before", *args)  # step 5: no save of its own
+    stopped = script("fault_run.py", "minbert.training.train:train_step", 5, "sigterm-before", *args)  # 5: no save
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert last_line(stopped) == (f"stopped by SIGTERM after step 5; its checkpoint is {run}/last; continue with: "
                                   f"python train.py ... --output_dir {run} --resume")
@@ -172,7 +172,7 @@ def test_sigterm_saves_the_step_it_stands_at_and_resume_is_bit_identical(referen
     assert_same_weights(weights(reference), weights(run))
     assert metrics_lines(run) == metrics_lines(reference)
     # before the loop there is no step to save: SIGTERM stops at once
-    early = script("fault_run.py", "train:load_data", 1, "sigterm-before", *run_args(
+    early = script("fault_run.py", "minbert.training.train:load_data", 1, "sigterm-before", *run_args(
         tiny_model_dir, tiny_data_dir, tmp_path / "early"))
     assert early.returncode == 143 and last_line(early).startswith("stopped by SIGTERM; continue with:")
     assert not (tmp_path / "early" / "checkpoint.json").exists()
@@ -186,7 +186,7 @@ def test_a_tampered_run_folder_is_refused_and_never_followed(reference, tiny_mod
     pointer = json.loads((run / "checkpoint.json").read_text())
     outside = tmp_path / "outside"
     shutil.copytree(run / pointer["last"], outside / "step-000006")
-    for last in (f"../outside/step-000006", str(outside / "step-000006")):
+    for last in ("../outside/step-000006", str(outside / "step-000006")):
         (run / "checkpoint.json").write_text(json.dumps({**pointer, "last": last}))
         exits(capsys, 1, rf"checkpoint.json: 'last' is '{re.escape(last)}', not a set of this run "
                          r"\(checkpoints/step-NNNNNN\); the file was edited or damaged", train.main, args)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-import train
+import minbert.training.train as train
 from test_train import assert_same_weights, exits, kill_at_step, run_args, weights, without_timings
-from training.config import TrainConfig, parse_args
+from minbert.training.config import TrainConfig, parse_args
 
 
 def records(run) -> list[dict]:

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from data import TASKS, get_task, overall
+from minbert.data import TASKS, get_task, overall
 from minbert.errors import ConfigError
 
 

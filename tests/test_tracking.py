@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import train
+import minbert.training.train as train
 from test_train import exits, kill_at_step, run_args
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import evaluate
-import train
-from data import TASKS
-from heads import MultitaskBert
-from training.config import TrainConfig
-from training.step import MethodState, Runtime
+import minbert.training.evaluate as evaluate
+import minbert.training.train as train
+from minbert.data import TASKS
+from minbert.heads import MultitaskBert
+from minbert.training.config import TrainConfig
+from minbert.training.step import MethodState, Runtime
 
 
 def run_args(model_dir, data_dir, out, *extra) -> list[str]:
@@ -110,7 +110,8 @@ def kill_at_step(monkeypatch, n: int) -> None:
                                    ["--scheduler", "annealed"], ["--scheduler", "sequential", "--task_order",
                                                                  "sts,para,sst", "--steps_per_epoch", "9"],
                                    # every method that keeps state between steps
-                                   ["--aggregator", "gradvac"], ["--aggregator", "nash_mtl", "--nash_update_every", "3"],
+                                   ["--aggregator", "gradvac"],
+                                   ["--aggregator", "nash_mtl", "--nash_update_every", "3"],
                                    ["--loss_weighting", "famo"], ["--loss_weighting", "dwa", "--dwa_every", "2"],
                                    ["--loss_weighting", "rlw"], ["--loss_weighting", "uw", "--aggregator", "cagrad"],
                                    ["--loss_weighting", "imtl_l", "--aggregator", "upgrad"]])
@@ -220,7 +221,7 @@ def one_batch_per_task(model) -> dict:
 @pytest.mark.parametrize("pals", [None, "pal"])
 def test_pcgrad_projects_shared_gradients_and_leaves_task_parameters_alone(tiny_model_dir, pals):
     from minbert.pals import PALsConfig
-    from optim import pcgrad
+    from minbert.optim import pcgrad
     torch.manual_seed(0)
     model = MultitaskBert.from_pretrained(str(tiny_model_dir), pals=pals and PALsConfig(pals, 12)).eval()
     batches = one_batch_per_task(model)  # eval mode: no dropout, so both passes compute one function
@@ -263,7 +264,7 @@ def test_ensembles_average_member_scores(tiny_model_dir, tiny_data_dir, tmp_path
     out = capsys.readouterr().out
     assert "| ensemble of 2 |" in out and out.count(runs[0]) >= 1 and out.count(runs[1]) >= 1
     # by hand: average each member's scores, then label
-    from data import encode_dataset, load_split
+    from minbert.data import encode_dataset, load_split
     members = [MultitaskBert.from_checkpoint(r) for r in runs]
     expected = {}
     for task in ("sst", "para", "sts"):

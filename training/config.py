@@ -9,9 +9,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import TASKS, TaskDataset, load_split, split_path
-from data.tasks import OBJECTIVES
-from heads import POOLINGS, HeadConfig
+from minbert.data import TASKS, TaskDataset, load_split, split_path
+from minbert.data.tasks import OBJECTIVES
+from minbert.heads import POOLINGS, HeadConfig
 from minbert.errors import ConfigError, MinbertError
 from minbert.lora import MODES as LORA_MODES
 from minbert.lora import SCALINGS as LORA_SCALINGS
@@ -20,10 +20,10 @@ from minbert.lora import LoRAConfig
 from minbert.pals import KINDS as PALS_KINDS
 from minbert.pals import PALsConfig
 from minbert.runtime import AMP_CHOICES
-from optim.aggregation import AGGREGATORS
-from optim.sampling import MODES as SAMPLING_MODES
-from optim.schedules import KINDS as LR_SCHEDULES
-from optim.weighting import WEIGHTINGS
+from minbert.optim.aggregation import AGGREGATORS
+from minbert.optim.sampling import MODES as SAMPLING_MODES
+from minbert.optim.schedules import KINDS as LR_SCHEDULES
+from minbert.optim.weighting import WEIGHTINGS
 
 from .tracking import KINDS as TRACKERS
 

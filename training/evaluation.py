@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from data import TASKS, EncodedTask, overall
-from heads import MultitaskBert
+from minbert.data import TASKS, EncodedTask, overall
+from minbert.heads import MultitaskBert
 from minbert.checkpoint import atomic_write
 
 

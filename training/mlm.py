@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import EncodedTask, TaskStream, eval_batches
-from data.masking import mask_tokens, masked_lm_accuracy
+from minbert.data import EncodedTask, TaskStream, eval_batches
+from minbert.data.masking import mask_tokens, masked_lm_accuracy
 from minbert import BertForMaskedLM, Tokenizer
 from minbert.checkpoint import atomic_write, save_json, save_tensors
 from minbert.errors import ConfigError, MinbertError
 from minbert.runtime import autocast
-from optim import AdamW, LossScaler, NonFiniteLoss, lr_lambda, param_groups_for_weight_decay
+from minbert.optim import AdamW, LossScaler, NonFiniteLoss, lr_lambda, param_groups_for_weight_decay
 
 from .config import TrainConfig
 from .session import Session

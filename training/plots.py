@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import TASKS, EncodedTask
+from minbert.data import TASKS, EncodedTask
 from minbert.checkpoint import atomic_write
 from minbert.errors import ConfigError
 

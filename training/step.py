@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data import TASKS
-from heads import MultitaskBert
+from minbert.data import TASKS
+from minbert.heads import MultitaskBert
 from minbert.runtime import autocast
-from optim import EMATeacher, GradNorm, LossScaler, bregman_divergence, smart_loss
-from optim.aggregation import Aggregator, aggregator
-from optim.weighting import LossWeighting, loss_weighting
+from minbert.optim import EMATeacher, GradNorm, LossScaler, bregman_divergence, smart_loss
+from minbert.optim.aggregation import Aggregator, aggregator
+from minbert.optim.weighting import LossWeighting, loss_weighting
 
 from .config import TrainConfig
 from .distributed import GradientAllReduce

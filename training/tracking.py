@@ -26,13 +26,13 @@ class Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError('--report_to tensorboard needs tensorboard: pip install -e ".[tensorboard]"') from None
+                raise ConfigError('--report_to tensorboard needs it: pip install -e ".[tensorboard]"') from None
             self.writer = SummaryWriter(str(folder / TENSORBOARD), purge_step=step + 1 if step else None)
         elif kind == "wandb":
             try:
                 import wandb
             except ImportError:
-                raise ConfigError('--report_to wandb needs wandb: pip install -e ".[wandb]"') from None
+                raise ConfigError('--report_to wandb needs it: pip install -e ".[wandb]"') from None
             id_file = folder / WANDB_ID
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
             atomic_write(id_file, lambda tmp: Path(tmp).write_text(run_id))
