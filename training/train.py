@@ -222,6 +222,7 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
             if cfg.loop.eval_every and p.global_step % cfg.loop.eval_every == 0:
                 evaluate_and_save(session, model, dev, state, window)
                 if p.stopped:
+                    bar.close()
                     return
             elif cfg.run.save_every and p.global_step % cfg.run.save_every == 0:
                 save(session, model, state)
