@@ -50,7 +50,7 @@ def test_a_resumed_run_stops_where_the_uninterrupted_one_does(tiny_model_dir, ti
     assert records(tmp_path / "b") == records(tmp_path / "a")
 
 
-def test_a_config_file_gives_the_options_and_flags_override_it(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_a_config_file_gives_the_options_and_flags_override_it(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     train.main(run_args(tiny_model_dir, tiny_data_dir, run, "--epochs", "1", "--pooling", "cls"))
     saved = run / "train_config.json"  # every run's options file is a config file; its resume/overwrite are not read
@@ -58,6 +58,11 @@ def test_a_config_file_gives_the_options_and_flags_override_it(tiny_model_dir, t
     expected = json.loads(saved.read_text())
     expected["optim"]["lr"], expected["run"]["resume"] = 3e-4, True
     assert cfg.to_dict() == expected
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(expected))  # --resume still holds a config file to the run's own options
+    exits(capsys, 2, r"--resume with options that change the run: --lr 0.0003 \(the run used 0.001\)", train.main,
+          ["--config", str(changed), "--resume"])
+    train.main(["--config", str(saved), "--resume"])  # the run's own options: it continues (it had finished)
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps({"model": str(tiny_model_dir), "pooling": "cls", "pcgrad": True, "head_lr": 2e-3,
                                 "overwrite": True}))
