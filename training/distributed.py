@@ -91,7 +91,7 @@ class GradientAllReduce:
         if self.world == 1:
             return obj
         box = [obj]
-        self._collective("the broadcast of the saved state", dist.broadcast_object_list, box, 0)
+        self._collective("a broadcast from rank 0", dist.broadcast_object_list, box, 0)
         return box[0]
 
     def gather(self, obj) -> list:
