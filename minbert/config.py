@@ -29,7 +29,9 @@ class DictConfig:
 def check_type(name: str, value, annotation) -> None:
     """Raise TypeError unless `value` (read from JSON) fits the field type `annotation` (int, float, str, bool,
     a tuple given as a list, or such a type | None)."""
-    allowed = tuple(t for t in (typing.get_args(annotation) or (annotation,)) if isinstance(t, type))
+    options = typing.get_args(annotation) if typing.get_origin(annotation) is not tuple else ()
+    allowed = tuple(typing.get_origin(t) or t for t in options or (annotation,))  # tuple[str, ...] -> tuple
+    allowed = tuple(t for t in allowed if isinstance(t, type))
     allowed += (int,) if float in allowed else ()
     allowed += (list,) if tuple in allowed else ()
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
