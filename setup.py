@@ -9,6 +9,7 @@ setup(
     # checkout), and the programs train.py and evaluate.py are minbert.training.train and minbert.training.evaluate
     packages=["minbert", "minbert.heads", "minbert.optim", "minbert.data", "minbert.training"],
     package_dir={"minbert": "minbert", **{f"minbert.{name}": name for name in ("heads", "optim", "data", "training")}},
+    package_data={"minbert.data": ["tasks.json"]},  # the CS224N tasks' entries
     python_requires=">=3.10",
     # install torch first (`pip install torch==2.13.0` here, or the CUDA build on a GPU machine): this range
     # is then satisfied and pip fetches nothing more

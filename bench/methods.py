@@ -50,7 +50,7 @@ def time_steps(name: str, args) -> list[float]:
     learned = [{"params": state.learned(), "lr": cfg.optim.head_lr, "weight_decay": 0.0}] if state.learned() else []
     optimizer = AdamW(model.parameter_groups(cfg.optim.lr, cfg.optim.head_lr, cfg.optim.weight_decay) + learned,
                       lr=cfg.optim.lr)
-    streams = {t: TaskStream(model.encode(cfg.data.read(t, "train"), cfg.model.max_length), args.batch_size,
+    streams = {t: TaskStream(model.encode(cfg.data.read(cfg.task(t), "train"), cfg.model.max_length), args.batch_size,
                              seed=cfg.run.seed + i) for i, t in enumerate(TASKS)}
     seconds = []
     for step in range(args.warmup + args.steps):

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from .readers import TaskDataset
+from .tasks import Task
 
 Segment = tuple[list[list[int]], list[list[int]]]  # (input_ids, token_type_ids) per row, unpadded
 
@@ -23,6 +24,7 @@ class EncodedTask:
     labels: list[int | float] | None
     is_regression: bool
     pad: Callable[[list[list[int]], list[list[int]]], dict[str, torch.Tensor]] = field(repr=False)
+    spec: Task | None = field(default=None, repr=False)  # the task (None: masked-LM sentences)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -44,7 +46,7 @@ def encode_dataset(dataset: TaskDataset, tok, max_length: int = 512, pair_encodi
     else:
         segments = [tok.encode(texts, max_length=max_length) for texts in (dataset.texts, dataset.pairs)]
     return EncodedTask(dataset.task, list(dataset.ids), [tuple(s) for s in segments],
-                       dataset.labels, dataset.spec.is_regression, tok.pad)
+                       dataset.labels, dataset.spec.is_regression, tok.pad, dataset.spec)
 
 
 def collate(encoded: EncodedTask, indices: list[int]) -> dict:

@@ -1,8 +1,9 @@
-"""Readers for the CS224N tab-separated task files (SST, CFIMDB, Quora, STS); columns and labels come from the
-task registry (data/tasks.py)."""
+"""Readers for task files: the CS224N tab-separated files (SST, CFIMDB, Quora, STS) and any task a task file
+defines; delimiter, columns and labels come from the task (data/tasks.py)."""
 from __future__ import annotations
 
 import csv
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -41,10 +42,12 @@ class TaskDataset:
         return len(self.ids)
 
 
-def _decoded_lines(path: Path):
-    """Yield the file's lines decoded one by one, so a bad byte is reported with its line number."""
+def _decoded_lines(path: Path, first_only: bool = False):
+    """Yield the file's lines (or just its first) decoded one by one, so a bad byte is reported with its line
+    number."""
     try:
-        content = path.read_bytes()
+        with path.open("rb") as f:
+            content = f.readline() if first_only else f.read()
     except OSError as err:
         raise DataError(f"{path.name}: cannot read {path.resolve()} ({err.strerror}); check its permissions") from None
     for number, raw in enumerate(content.splitlines(keepends=True), start=1):
@@ -73,11 +76,10 @@ def _rows(reader: csv.DictReader):
         yield reader.reader.line_num, row  # the underlying reader's count: DictReader's misses a refused row
 
 
-def read_task(path: str | Path, spec: Task | str, labeled: bool = True, strict: bool = False,
-              unique_ids: bool = False) -> TaskDataset:
-    """Read one task file; broken rows are skipped and recorded, or raise DataError if `strict`. With `unique_ids`
-    (dev and test files, whose predictions are keyed by id) a repeated id is always an error."""
-    spec = get_task(spec) if isinstance(spec, str) else spec
+def open_task_file(path: str | Path, spec: Task, labeled: bool = True,
+                   header_only: bool = False) -> tuple[csv.DictReader, list[str]]:
+    """A reader of the task file's rows and its header, the task's columns checked; `header_only` reads just the
+    first line (what a run checks of every file before it reads any data)."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path.name}: {path.resolve()} is a folder, not a data file (pass the file, or the folder "
@@ -85,16 +87,30 @@ def read_task(path: str | Path, spec: Task | str, labeled: bool = True, strict: 
     if not path.is_file():
         raise DataError(f"{path.name}: file not found (looked for {path.resolve()}; "
                         f"pass --data_dir pointing at the folder holding the task files)")
-    reader = csv.DictReader(_decoded_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    quoting = csv.QUOTE_NONE if spec.delimiter == "\t" else csv.QUOTE_MINIMAL  # the CS224N files quote nothing
+    reader = csv.DictReader(_decoded_lines(path, header_only), delimiter=spec.delimiter, quoting=quoting)
     try:
         found = reader.fieldnames or []
     except csv.Error as err:
         raise DataError(f"{path.name} line 1 (the header): {_refused(err)}") from None
-    wanted = ["id", *spec.text_columns] + ([spec.label_column] if labeled else [])
+    wanted = [spec.id_column, *spec.text_columns] + ([spec.label_column] if labeled else [])
     missing = [c for c in wanted if c not in found]
     if missing:
+        close = {c: difflib.get_close_matches(c, found, n=1) for c in missing}
+        hint = "; ".join(f"{c!r} is spelt {m[0]!r} in the file?" for c, m in close.items() if m)
         raise DataError(f"{path.name} line 1: missing column(s) {', '.join(map(repr, missing))} "
-                        f"(found {', '.join(map(repr, found))}; check the header or that this is a {spec.name} file)")
+                        f"(found {', '.join(map(repr, found))}{'; ' + hint if hint else ''}; check the header, the "
+                        f"task's columns, or that this is a {spec.name} file)")
+    return reader, found
+
+
+def read_task(path: str | Path, spec: Task | str, labeled: bool = True, strict: bool = False,
+              unique_ids: bool = False) -> TaskDataset:
+    """Read one task file; broken rows are skipped and recorded, or raise DataError if `strict`. With `unique_ids`
+    (dev and test files, whose predictions are keyed by id) a repeated id is always an error."""
+    spec = get_task(spec) if isinstance(spec, str) else spec
+    path = Path(path)
+    reader, found = open_task_file(path, spec, labeled)
     data = TaskDataset(spec, path, pairs=[] if spec.is_pair else None, labels=[] if labeled else None)
     first_line = {}  # id -> line of its first row
     for line, row in _rows(reader):
@@ -103,8 +119,8 @@ def read_task(path: str | Path, spec: Task | str, labeled: bool = True, strict: 
                 raise row
             if row.get(None):  # DictReader files the cells beyond the header's under None
                 raise ValueError(f"{len(row[None])} more field(s) than the header's {len(found)} (a stray tab?)")
-            if not (row["id"] or "").strip():
-                raise ValueError("empty id in column 'id'")
+            if not (row[spec.id_column] or "").strip():
+                raise ValueError(f"empty id in column '{spec.id_column}'")
             texts = [(row[c] or "").strip() for c in spec.text_columns]
             for column, text in zip(spec.text_columns, texts):
                 if not text:
@@ -116,7 +132,7 @@ def read_task(path: str | Path, spec: Task | str, labeled: bool = True, strict: 
                 raise DataError(message) from None
             data.skipped.append(message)
             continue
-        row_id = row["id"].strip()
+        row_id = row[spec.id_column].strip()
         if unique_ids and row_id in first_line:
             raise DataError(f"{path.name} line {line}: id {row_id!r} already used on line "
                             f"{first_line[row_id]} (predictions are keyed by id: make the ids unique)")
@@ -137,20 +153,23 @@ def merge_labels(base: TaskDataset, extra: TaskDataset, classes: list[int]) -> T
                        base.labels + [classes[label] for label in extra.labels], base.skipped + extra.skipped)
 
 
-def split_path(data_dir: str | Path, task: str, split: str) -> Path:
-    """The standard CS224N file of `split` ("train", "dev" or "test" = the unlabeled test-student file)."""
-    return Path(data_dir) / get_task(task).file_pattern.format(split="test-student" if split == "test" else split)
+def split_path(data_dir: str | Path, task: Task | str, split: str) -> Path | None:
+    """The task's file of `split` ("train", "dev" or "test", for the CS224N tasks the unlabeled test-student file)
+    in data_dir; None for a test split the task does not have."""
+    name = (get_task(task) if isinstance(task, str) else task).file(split)
+    return None if name is None else Path(data_dir) / name
 
 
-def load_split(data_dir: str | Path, task: str, split: str, strict: bool = False, path: str | Path | None = None,
-               report: Callable[[str], None] | None = None) -> TaskDataset:
-    """Read `split` of `task` from `path`, or from its standard name in data_dir; test files are unlabeled, dev and
-    test ids must be unique, and a file without a usable row is an error. Skipped rows are summarised to `report`."""
+def load_split(data_dir: str | Path, task: Task | str, split: str, strict: bool = False,
+               path: str | Path | None = None, report: Callable[[str], None] | None = None) -> TaskDataset:
+    """Read `split` of `task` from `path`, or from its file in data_dir; test files are unlabeled, dev and test ids
+    must be unique, and a file without a usable row is an error. Skipped rows are summarised to `report`."""
+    task = get_task(task) if isinstance(task, str) else task
     data = read_task(path or split_path(data_dir, task, split), task, labeled=split != "test", strict=strict,
                      unique_ids=split != "train")
     if not data.ids:
         reason = f"all {len(data.skipped)} rows are broken, e.g. {data.skipped[0]}" if data.skipped else "it is empty"
-        raise DataError(f"{data.path.name}: no usable {task} {split} rows ({reason}); check the file")
+        raise DataError(f"{data.path.name}: no usable {task.name} {split} rows ({reason}); check the file")
     if data.skipped and report is not None:
         report(f"{data.path.name}: skipped {len(data.skipped)} broken row(s): " + "; ".join(data.skipped[:5])
                + (" ..." if len(data.skipped) > 5 else ""))

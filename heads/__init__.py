@@ -1,5 +1,6 @@
 """Task heads and the multi-task model built on the shared encoder."""
-from .multitask import HeadConfig, MultitaskBert
+from .config import HeadConfig
+from .multitask import MultitaskBert
 from .pooling import POOLINGS, Pooling
 from .task_heads import HeadSpec, TaskHead
 

@@ -1,102 +1,30 @@
-"""MultitaskBert: one shared encoder, a pooling, optional multi-stream features and one head per task."""
-import dataclasses
-import hashlib
-import json
-from dataclasses import dataclass, field
+"""MultitaskBert: one shared encoder, a pooling, optional multi-stream features and one head per task, each
+built from its task's kind and head spec. Its configuration is heads/config.py, its prediction API
+heads/prediction.py and its checkpoint format heads/checkpoint_format.py."""
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from minbert.data import TASKS, EncodedTask, TaskDataset, encode_dataset, eval_batches
-from minbert.data.tasks import Objective
-from minbert import BertModel, CheckpointError, Tokenizer
+from minbert import BertModel, Tokenizer
 from minbert.bilstm import BiLSTMConfig, BiLSTMEncoder
-from minbert.checkpoint import PICKLE_SUFFIXES, read_json, read_tensors, save_json, save_tensors
+from minbert.data import EncodedTask, Task, TaskDataset, encode_dataset
 from minbert.errors import ConfigError
-from minbert.loading import checked_config, default_model, load_checked
-from minbert.lora import ADAPTER_PARAMS, LoRAConfig
-from minbert.pals import PALs, PALsConfig
-from minbert.runtime import autocast, resolve_precision
+from minbert.loading import default_model
+from minbert.lora import LoRAConfig
 from minbert.optim import param_groups_for_weight_decay
+from minbert.pals import PALs, PALsConfig
 
+from . import checkpoint_format
+from .config import HeadConfig
 from .pooling import Pooling
-from .task_heads import HeadSpec, TaskHead, legacy_head_keys
-
-FORMAT = "minbert-multitask/2"
-LEGACY_FORMAT = "minbert-multitask/1"  # before head specs: old head parameter names, ReLU streams
-RUN_MARKERS = ("checkpoint.json", "checkpoints", "last")  # only a train.py run folder holds these
+from .prediction import Prediction
+from .task_heads import TaskHead
 
 
-@dataclass
-class HeadConfig:
-    """Which tasks, how sentences become vectors, which head and loss each task uses (heads/task_heads.py,
-    data/tasks.py)."""
-
-    tasks: list[str] = field(default_factory=lambda: ["sst", "para", "sts"])
-    pooling: str = "mean"  # pooler | cls | mean | concat
-    pair_encoding: str = "bi"  # bi (siamese: each sentence alone) | cross ([CLS] a [SEP] b [SEP])
-    sentiment_head: str = "linear"  # a head spec or preset, for sst and cfimdb
-    para_head: str = "features"
-    sts_head: str = "cosine_relu"
-    multi_stream: int = 0  # width of the shared and of each task-specific stream, concatenated (0 = off)
-    shared_layer: int = 0  # width of one shared projection and no task streams (0 = off)
-    stream_activation: str = "none"  # on the streams / shared layer: none (linear, as in the project) | relu
-    para_loss: str = "bce"  # bce | cosine_embedding
-    sts_loss: str = "mse"  # mse | mse_rescaled
-    cfimdb_labels: list[int] | None = None  # CFIMDB merged into SST: the SST classes its labels 0 and 1 became
-    dropout: float = 0.1
-
-    def __post_init__(self):
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise ConfigError(f"--tasks: unknown task(s) {','.join(unknown)}; choose from {','.join(TASKS)}")
-        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ConfigError(f"--tasks must name each task once, got {','.join(self.tasks) or 'none'}")
-        if self.pair_encoding not in ("bi", "cross"):
-            raise ConfigError(f"--pair_encoding must be 'bi' or 'cross', got {self.pair_encoding!r}")
-        if self.pair_encoding == "cross":  # the bi-encoder defaults become the cross-encoder's linear head
-            self.para_head = "linear" if self.para_head == "features" else self.para_head
-            self.sts_head = "linear" if self.sts_head == "cosine_relu" else self.sts_head
-        if self.multi_stream and self.shared_layer:
-            raise ConfigError("choose one of --multi_stream (shared + task streams) and --shared_layer")
-        if self.stream_activation not in ("none", "relu"):
-            raise ConfigError(f"--stream_activation must be none or relu, got {self.stream_activation!r}")
-        for task in self.tasks:
-            self.head_spec(task), self.objective(task)  # each checks itself and the pair
-
-    def head_name(self, task: str) -> str:
-        kind = TASKS[task].kind
-        return self.sentiment_head if kind == "sentiment" else self.para_head if kind == "paraphrase" else self.sts_head
-
-    def head_spec(self, task: str) -> HeadSpec:
-        """The parsed head of `task`, checked against its input."""
-        pair, cross = TASKS[task].is_pair, self.pair_encoding == "cross"
-        flag = "sentiment" if not pair else task
-        if self.head_name(task) == "linear" and pair and not cross:
-            raise ConfigError(f"--{flag}_head linear reads a cross-encoded pair: add --pair_encoding cross")
-        spec = HeadSpec.parse(self.head_name(task), pair, cross)
-        spec.check(flag, pair, cross)
-        return spec
-
-    def objective(self, task: str) -> Objective:
-        """The loss and scores of `task`, checked against its head."""
-        loss = {"para": self.para_loss, "sts": self.sts_loss}.get(task)
-        objective, spec = TASKS[task].objective(loss), self.head_spec(task)
-        if objective.head is not None and str(spec) != objective.head:
-            raise ConfigError(f"--{task}_loss {objective.name} reads the output of --{task}_head {objective.head}, "
-                              f"not {spec}")
-        if objective.name == "bce" and spec.score:
-            raise ConfigError(f"--para_head {spec} gives a score, not a logit: binary cross-entropy needs a learned "
-                              "head (features, concat, cos, ...), or use --para_loss cosine_embedding with "
-                              "--para_head cosine")
-        return objective
-
-
-class MultitaskBert(nn.Module):
-    """`forward(task, batch)` gives logits (sentiment: (B, C); paraphrase: (B,)) or 0-5 scores (similarity: (B,)).
+class MultitaskBert(Prediction, nn.Module):
+    """`forward(task, batch)` gives logits (C classes: (B, C); one logit: (B,)) or scores (regression: (B,)).
 
     Parameters are shared (the encoder, pooling and shared stream: used by every task) or task-specific (heads,
     task streams, PALs: used by one task); PCGrad projects only the shared ones."""
@@ -108,7 +36,7 @@ class MultitaskBert(nn.Module):
         self.bert, self.config, self.tokenizer, self.base_model = bert, config, tokenizer, base_model
         self.lora, self.pals_config = lora, pals
         # identifies the pre-trained weights, so an adapter-only checkpoint can check its base
-        self.base_fingerprint = base_fingerprint or fingerprint(bert)
+        self.base_fingerprint = base_fingerprint or checkpoint_format.fingerprint(bert)
         if lora is not None:
             lora.apply(bert)
         self.pooling = Pooling(config.pooling, bert.config.hidden_size)
@@ -124,8 +52,8 @@ class MultitaskBert(nn.Module):
         if pals is not None and not set(pals.tasks or ()) <= set(config.tasks):
             raise ConfigError(f"--pals_tasks {','.join(pals.tasks)} must be among --tasks {','.join(config.tasks)}")
         self.objectives = {task: config.objective(task) for task in config.tasks}
-        self.heads = nn.ModuleDict({task: TaskHead(config.head_spec(task), dim, TASKS[task].num_outputs,
-                                                   config.dropout, TASKS[task].kind) for task in config.tasks})
+        self.heads = nn.ModuleDict({task: TaskHead(config.head_spec(task), dim, self.objectives[task].outputs(
+            config.task(task).num_classes), config.dropout, config.task(task)) for task in config.tasks})
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, config: HeadConfig | None = None, lora: LoRAConfig | None = None,
@@ -250,156 +178,23 @@ class MultitaskBert(nn.Module):
         """The task's loss (its objective, data/tasks.py) on a batch with labels."""
         return self.objectives[task].loss(self(task, batch), batch["labels"])
 
-    # ---- prediction -------------------------------------------------------------------------------------------
+    def task(self, name: str) -> Task:
+        """The task `name` of this model (built in, or defined by the task file it was trained with)."""
+        return self.config.task(name)
 
-    @torch.inference_mode()
-    def predict_scores(self, encoded: EncodedTask, batch_size: int = 256, amp: str = "auto",
-                       progress: bool = True) -> dict[str, torch.Tensor]:
-        """Scores by id for every row (Task.scores: class probabilities, paraphrase probability or similarity), in
-        large length-sorted batches. `amp` as train.py's --amp: auto (bf16 or fp16 on CUDA, float32 on the CPU),
-        bf16, fp16 or off."""
-        head = self.scoring_head(encoded.task)
-        was_training = self.training
-        self.eval()
-        device, out = next(self.parameters()).device, {}
-        precision = resolve_precision(device, amp)
-        for batch in tqdm(eval_batches(encoded, batch_size), total=-(-len(encoded) // batch_size),
-                          desc=f"predict {encoded.task}", disable=not progress, leave=False):
-            with autocast(device, precision):
-                y = self(head, {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})
-            scores = self.objectives[head].scores(y)
-            if head != encoded.task:  # CFIMDB merged into SST: [p(negative), p(positive)] from the SST classes
-                low, high = self.config.cfimdb_labels
-                expected = scores @ torch.arange(scores.shape[-1], dtype=scores.dtype, device=scores.device)
-                positive = ((expected - low) / (high - low)).clamp(0, 1)  # > 0.5: nearer the positive class
-                scores = torch.stack([1 - positive, positive], dim=-1)  # (B, 2)
-            out.update(zip(batch["ids"], scores.cpu()))
-        self.train(was_training)
-        return {i: out[i] for i in encoded.ids}
-
-    def scoring_head(self, task: str) -> str:
-        """The head that scores `task`: its own, or SST's for CFIMDB merged into SST training."""
-        if task in self.heads:
-            return task
-        if task == "cfimdb" and self.config.cfimdb_labels:
-            return "sst"
-        raise ConfigError(f"this model has no {task!r} head (its tasks: {', '.join(self.config.tasks)})")
-
-    def _predict(self, task: str, texts: list[str], pairs: list[str] | None, batch_size: int, max_length: int,
-                 amp: str) -> list:
-        dataset = TaskDataset(TASKS[task], Path("<texts>"), [str(i) for i in range(len(texts))], list(texts),
-                              None if pairs is None else list(pairs))
-        scores = self.predict_scores(self.encode(dataset, max_length), batch_size, amp, progress=False)
-        return TASKS[task].labels(torch.stack(list(scores.values()))) if scores else []
-
-    def predict_sentiment(self, texts: list[str], task: str = "sst", batch_size: int = 64, max_length: int = 128,
-                          amp: str = "auto") -> list[int]:
-        """Class per text (SST: 0 very negative ... 4 very positive; CFIMDB: 0 or 1); `amp` as in predict_scores."""
-        return self._predict(task, texts, None, batch_size, max_length, amp)
-
-    def predict_paraphrase(self, pairs: list[tuple[str, str]], batch_size: int = 64, max_length: int = 128,
-                           amp: str = "auto") -> list[int]:
-        """1 if the two questions are paraphrases, else 0."""
-        return self._predict("para", [a for a, _ in pairs], [b for _, b in pairs], batch_size, max_length, amp)
-
-    def predict_similarity(self, pairs: list[tuple[str, str]], batch_size: int = 64, max_length: int = 128,
-                           amp: str = "auto") -> list[float]:
-        """Similarity in [0, 5] per pair."""
-        return self._predict("sts", [a for a, _ in pairs], [b for _, b in pairs], batch_size, max_length, amp)
-
-    # ---- checkpoints ------------------------------------------------------------------------------------------
-
-    def checkpoint_config(self, adapters_only: bool = False) -> dict:
-        return {"format": FORMAT, "base_model": self.base_model, "bert": self.bert.config.to_dict(),
-                "encoder": "bert" if self.is_bert else "bilstm",
-                "heads": dataclasses.asdict(self.config), "lora": self.lora and self.lora.to_dict(),
-                "pals": self.pals_config and self.pals_config.to_dict(),
-                "adapters_only": adapters_only, "base_fingerprint": self.base_fingerprint}
+    # ---- checkpoints (heads/checkpoint_format.py) ------------------------------------------------------------
 
     def save(self, directory: Path, metadata: dict | None = None, adapters_only: bool = False) -> None:
         """model.safetensors (with `metadata` such as step and dev scores inside), config.json and the tokenizer,
-        each written atomically. `adapters_only` keeps what training changed (adapters, heads, trainable encoder
-        weights) and refers to the base model for the rest."""
-        directory = Path(directory)
-        tensors = self.state_dict()
-        if adapters_only:
-            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-            tensors = {k: v for k, v in tensors.items() if not k.startswith("bert.") or k in trainable}
-        save_tensors(tensors, directory / "model.safetensors",
-                     {k: json.dumps(v) for k, v in (metadata or {}).items()})
-        save_json(self.checkpoint_config(adapters_only), directory / "config.json")
-        if self.tokenizer is not None:
-            self.tokenizer.save(directory)
+        each written atomically; `adapters_only` refers to the base model for the weights training left alone."""
+        checkpoint_format.save_model(self, directory, metadata, adapters_only)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "MultitaskBert":
-        """Rebuild a model saved by `save` (a directory of safetensors + JSON; pickled files are refused).
-        An adapter-only checkpoint is loaded on top of its base model, which must be the one it was trained on."""
-        path = Path(path)
-        check_checkpoint_dir(path)
-        config = read_json(path / "config.json")
-        if config.get("format") not in (FORMAT, LEGACY_FORMAT):
-            raise CheckpointError(f"minbert: {path / 'config.json'} is not a {FORMAT} checkpoint config "
-                                  "(a plain BERT checkpoint goes to train.py --model instead)")
-        legacy = config["format"] == LEGACY_FORMAT
-        saved, _ = read_tensors(path / "model.safetensors", device)
-        try:
-            head_fields = {**({"stream_activation": "relu"} if legacy else {}), **config["heads"]}
-            heads, lora = HeadConfig(**head_fields), config.get("lora") and LoRAConfig.from_dict(config["lora"])
-            pals = config.get("pals") and PALsConfig.from_dict(config["pals"])
-            if config.get("adapters_only"):
-                model = cls(BertModel.from_pretrained(config["base_model"]), heads, Tokenizer.from_pretrained(path),
-                            config["base_model"], lora, pals)
-            else:
-                encoder = BiLSTMEncoder(BiLSTMConfig.from_dict(config["bert"])) \
-                    if config.get("encoder") == "bilstm" else BertModel(
-                        checked_config(config["bert"], path / "config.json", saved, path / "model.safetensors"))
-                model = cls(encoder, heads, Tokenizer.from_pretrained(path), config["base_model"], lora, pals,
-                            config.get("base_fingerprint"))
-        except (KeyError, TypeError, ValueError) as err:
-            if isinstance(err, CheckpointError):
-                raise
-            raise CheckpointError(f"minbert: {path / 'config.json'} does not describe a model "
-                                  f"({type(err).__name__}: {err})") from None
-        if config.get("adapters_only") and model.base_fingerprint != config["base_fingerprint"]:
-            raise CheckpointError(
-                f"minbert: {path} holds adapters trained on base model {config['base_model']!r} (weights "
-                f"{config['base_fingerprint'][:12]}), but that name now gives other weights "
-                f"({model.base_fingerprint[:12]}); load it on the base model it was trained on")
-        if legacy:
-            saved = legacy_head_keys(saved)
-        if config.get("adapters_only"):
-            saved = {**model.state_dict(), **saved}  # the base supplies the rest; unknown keys still fail
-        load_checked(model, saved, path / "model.safetensors", optional=())
-        return model.to(device).eval()
+        """Rebuild a model saved by `save` (a directory of safetensors + JSON; pickled files are refused)."""
+        return checkpoint_format.load_model(cls, path, device)
 
     @staticmethod
     def checkpoint_metadata(path: str | Path) -> dict:
         """The metadata saved with the weights (epoch, step, dev scores ...)."""
-        _, metadata = read_tensors(Path(path) / "model.safetensors")
-        return {k: json.loads(v) for k, v in metadata.items()}
-
-
-def check_checkpoint_dir(path: Path) -> None:
-    """Refuse pickles and run folders with a message that says what to pass instead."""
-    pickles = [p for p in ([path] if path.is_file() else path.glob("*")) if p.suffix in PICKLE_SUFFIXES]
-    if pickles and not (path / "model.safetensors").is_file():
-        raise CheckpointError(f"minbert: refusing {pickles[0]}: pickled checkpoints can run arbitrary code; minbert "
-                              "checkpoints are directories with model.safetensors and config.json")
-    if any((path / marker).exists() for marker in RUN_MARKERS):
-        raise CheckpointError(f"minbert: {path} is a training run folder, not a checkpoint: pass {path / 'best'} "
-                              f"(the best dev checkpoint) or {path / 'last'} (the latest)")
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise CheckpointError(f"minbert: {path} is not a minbert checkpoint (no {name}); "
-                                  "pass the directory train.py wrote, e.g. runs/NAME/best")
-
-
-def fingerprint(bert: BertModel) -> str:
-    """SHA-256 of the encoder's weights (adapter tensors excluded): identifies the base of an adapter checkpoint."""
-    h = hashlib.sha256()
-    for key, value in sorted(bert.state_dict().items()):
-        if key.rsplit(".", 1)[-1] not in ADAPTER_PARAMS:
-            h.update(key.encode())
-            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+        return checkpoint_format.read_metadata(path)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minbert.data import Task
 from minbert.errors import ConfigError
 
 # name -> (width in sentence-vector widths, f(u, v)); "sentence" is one sentence's vector, "cross" a cross-encoded
@@ -29,16 +30,16 @@ FEATURES = {
     "cos": (None, lambda u, v: F.cosine_similarity(u, v, dim=-1)[:, None]),  # (B, 1) whatever the vectors' width
 }
 SINGLE = ("sentence",)  # features of one sentence; "cross" is a pair's single vector
-SCORES = {  # parameter-free scores of a bi-encoded pair
-    "dot": lambda u, v: (u * v).sum(-1),
-    "cosine": lambda u, v: (F.cosine_similarity(u, v, dim=-1) + 1) * 2.5,  # [-1, 1] -> [0, 5]
-    "cosine_relu": lambda u, v: F.relu(F.cosine_similarity(u, v, dim=-1)) * 5,
+SCORES = {  # parameter-free scores of a bi-encoded pair, in the task's score range [lo, hi] (STS: [0, 5])
+    "dot": lambda u, v, lo, hi: (u * v).sum(-1),
+    "cosine": lambda u, v, lo, hi: (F.cosine_similarity(u, v, dim=-1) + 1) * ((hi - lo) / 2) + lo,  # [-1, 1] ->
+    "cosine_relu": lambda u, v, lo, hi: F.relu(F.cosine_similarity(u, v, dim=-1)) * (hi - lo) + lo,
 }
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 PRESETS = {"mlp": "sentence:256,64:relu", "cosine_logit": "cos"}  # "linear" is sentence or cross
-# the output layer of a bare `cos` head starts as the parameter-free score of its task: a logit 5 cos - 2.5 for
-# paraphrase (as cosine_logit always did), a 0-5 score 2.5 cos + 2.5 for similarity
-COS_INIT = {"paraphrase": (5.0, -2.5), "similarity": (2.5, 2.5)}
+# the output layer of a bare `cos` head starts as the parameter-free score of its task: a logit 5 cos - 2.5 for a
+# binary pair task (as cosine_logit always did), (hi - lo) / 2 cos + (hi + lo) / 2 for a pair regression (STS: 0-5)
+BINARY_COS_INIT = (5.0, -2.5)
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,15 @@ class HeadSpec:
                               f"{', '.join(ACTIVATIONS)}")
         return cls(name, hidden, activation or "relu")
 
-    def check(self, task: str, pair: bool, cross: bool) -> None:
-        """Refuse a head that cannot read this task's input."""
+    def check(self, where: str, pair: bool, cross: bool) -> None:
+        """Refuse a head that cannot read this task's input; `where` names the option in the error."""
         fits = (self.features in SINGLE) if not pair else \
             (self.features == "cross") if cross else (self.score is not None or self.features not in (*SINGLE, "cross"))
         if not fits:
             needs = "one sentence's vector (sentence)" if not pair else "the cross-encoded pair's vector (cross)" \
                 if cross else "the two sentence vectors (features, concat, difference, signed_difference, product, " \
                 "cos, or a score: dot, cosine, cosine_relu)"
-            raise ConfigError(f"--{task}_head {self}: this task's head reads {needs}")
+            raise ConfigError(f"{where} {self}: this task's head reads {needs}")
 
     def __str__(self) -> str:
         if self.score:
@@ -92,9 +93,9 @@ class TaskHead(nn.Module):
     """features(u, v) -> dropout -> [Linear -> activation -> dropout]* -> Linear; or a parameter-free score.
     Returns (B, outputs), or (B,) for one output."""
 
-    def __init__(self, spec: HeadSpec, in_dim: int, outputs: int, dropout: float, kind: str):
+    def __init__(self, spec: HeadSpec, in_dim: int, outputs: int, dropout: float, task: Task):
         super().__init__()
-        self.spec, self.outputs = spec, outputs
+        self.spec, self.outputs, self.score_range = spec, outputs, task.score_range
         if spec.score:
             return
         multiple = FEATURES[spec.features][0]
@@ -106,29 +107,16 @@ class TaskHead(nn.Module):
             width = w
         self.mlp = nn.Sequential(*layers)
         self.out = nn.Linear(width, outputs)
-        if spec.features == "cos" and not spec.hidden and kind in COS_INIT:
+        if spec.features == "cos" and not spec.hidden and outputs == 1:
+            lo, hi = task.score_range
+            scale, shift = ((hi - lo) / 2, (hi + lo) / 2) if task.is_regression else BINARY_COS_INIT
             with torch.no_grad():
-                self.out.weight.fill_(COS_INIT[kind][0])
-                self.out.bias.fill_(COS_INIT[kind][1])
+                self.out.weight.fill_(scale)
+                self.out.bias.fill_(shift)
 
     def forward(self, u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
         if self.spec.score:
-            return SCORES[self.spec.score](u, v)  # (B,)
+            return SCORES[self.spec.score](u, v, *self.score_range)  # (B,)
         y = self.out(self.mlp(self.dropout(FEATURES[self.spec.features][1](u, v))))  # (B, outputs)
         return y.squeeze(-1) if self.outputs == 1 else y
 
-
-def legacy_head_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Head weights of a minbert-multitask/1 checkpoint under today's names: SentimentHead `net` (a Linear, or
-    Linear-ReLU-Linear-ReLU-Linear) and cosine_logit's scalar `scale`/`bias` become `mlp.*` and `out`."""
-    out = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        if parts[0] == "heads" and len(parts) == 3 and parts[2] in ("scale", "bias") and value.dim() == 0:
-            key, value = f"heads.{parts[1]}.out.{'weight' if parts[2] == 'scale' else 'bias'}", value.reshape(
-                (1, 1) if parts[2] == "scale" else (1,))
-        elif parts[0] == "heads" and parts[2] == "net":
-            layer = parts[3] if len(parts) == 5 else None  # net.{0,2,4}.weight, or net.weight
-            key = ".".join(["heads", parts[1], "out" if layer in (None, "4") else f"mlp.{layer}", parts[-1]])
-        out[key] = value
-    return out

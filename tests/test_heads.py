@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 import minbert
 from minbert.heads import HeadConfig, HeadSpec, MultitaskBert, Pooling, TaskHead
+from minbert.data import TASKS, Task
 
 
 def tiny_multitask(tiny_model_dir, **head_kw) -> MultitaskBert:
@@ -30,8 +31,8 @@ def test_poolings_by_hand():
     torch.testing.assert_close(concat(out, mask), torch.cat([torch.tanh(concat.dense(mean)), h[:, 0]], -1))
 
 
-def head(text: str, pair: bool = True, in_dim: int = 8, outputs: int = 1, kind: str = "paraphrase") -> TaskHead:
-    return TaskHead(HeadSpec.parse(text, pair, cross=False), in_dim, outputs, 0.0, kind).eval()
+def head(text: str, pair: bool = True, in_dim: int = 8, outputs: int = 1, task: str = "para") -> TaskHead:
+    return TaskHead(HeadSpec.parse(text, pair, cross=False), in_dim, outputs, 0.0, TASKS[task]).eval()
 
 
 def test_pair_heads_by_hand():
@@ -47,7 +48,14 @@ def test_pair_heads_by_hand():
         torch.testing.assert_close(h(u, v), features @ h.out.weight[0] + h.out.bias[0])
     # a bare cos head starts as the task's parameter-free score: a logit for paraphrase, a 0-5 score for similarity
     torch.testing.assert_close(head("cosine_logit")(u, v), 5.0 * cos - 2.5)
-    torch.testing.assert_close(head("cos", kind="similarity")(u, v), 2.5 * cos + 2.5)
+    torch.testing.assert_close(head("cos", task="sts")(u, v), 2.5 * cos + 2.5)
+    # a defined regression task's range [1, 3]: the scores and the cos head's start map [-1, 1] onto it
+    rating = Task.from_definition("rating", {"kind": "pair_regression", "files": {"train": "a", "dev": "b"},
+                                             "text_columns": ["a", "b"], "range": [1, 3]}, "test")
+    in_range = lambda text: TaskHead(HeadSpec.parse(text, True, False), 8, 1, 0.0, rating).eval()  # noqa: E731
+    torch.testing.assert_close(in_range("cosine")(u, v), cos + 2)
+    torch.testing.assert_close(in_range("cosine_relu")(u, v), cos.clamp(min=0) * 2 + 1)
+    torch.testing.assert_close(in_range("cos")(u, v), cos + 2)
 
 
 def test_mlp_heads_by_hand():
@@ -59,13 +67,13 @@ def test_mlp_heads_by_hand():
     gelu = lambda t: 0.5 * t * (1 + torch.erf(t / 2 ** 0.5))  # noqa: E731
     torch.testing.assert_close(h(u, v), (gelu(gelu(x @ l1.weight.T + l1.bias) @ l2.weight.T + l2.bias)
                                          @ h.out.weight.T + h.out.bias).squeeze(-1))
-    sst = head("mlp", pair=False, outputs=5, kind="sentiment")  # the CS224N projects' 768 -> 256 -> 64 -> 5
+    sst = head("mlp", pair=False, outputs=5, task="sst")  # the CS224N projects' 768 -> 256 -> 64 -> 5
     assert [m.out_features for m in sst.modules() if isinstance(m, torch.nn.Linear)] == [256, 64, 5]
     assert isinstance(sst.mlp[1][0], torch.nn.ReLU) and sst(u).shape == (4, 5)
     relu = head("product:4", in_dim=8)
     torch.testing.assert_close(relu(u, v), (torch.relu((u * v) @ relu.mlp[0].weight.T + relu.mlp[0].bias)
                                             @ relu.out.weight.T + relu.out.bias).squeeze(-1))
-    train = TaskHead(HeadSpec.parse("sentence:16", False, False), 8, 5, 0.5, "sentiment").train()
+    train = TaskHead(HeadSpec.parse("sentence:16", False, False), 8, 5, 0.5, TASKS["sst"]).train()
     assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in train.modules()) == 2  # input and hidden
     assert str(HeadSpec.parse("mlp", False, False)) == "sentence:256,64:relu"
 

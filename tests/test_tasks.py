@@ -9,30 +9,30 @@ from minbert.errors import ConfigError
 
 
 def test_metrics_on_hand_derived_cases():
-    sst = TASKS["sst"].metrics([0, 1, 1, 2], [0, 1, 2, 2])
+    sst = TASKS["sst"].evaluate([0, 1, 1, 2], [0, 1, 2, 2])
     # per-class F1: class 0: 1, class 1: 2·1/(2+1) = 2/3, class 2: 2·1/(1+2) = 2/3
     assert sst == pytest.approx({"sst_acc": 0.75, "sst_macro_f1": (1 + 2 / 3 + 2 / 3) / 3})
     assert list(sst) == TASKS["sst"].metric_names and TASKS["sst"].main_metric == "sst_acc"
-    para = TASKS["para"].metrics([1, 1, 0, 0], [1, 0, 1, 0])
+    para = TASKS["para"].evaluate([1, 1, 0, 0], [1, 0, 1, 0])
     assert para == pytest.approx({"para_acc": 0.5, "para_f1": 0.5})  # tp 1, 2 predicted, 2 gold
-    assert TASKS["para"].metrics([0, 0], [1, 0])["para_f1"] == 0.0
-    sts = TASKS["sts"].metrics([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0])
+    assert TASKS["para"].evaluate([0, 0], [1, 0])["para_f1"] == 0.0
+    sts = TASKS["sts"].evaluate([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0])
     # ranks differ by d = (0, 1, -1, 0): ρ = 1 - 6·Σd² / (n (n² - 1)) = 1 - 12/60
     assert sts == pytest.approx({"sts_pearson": 0.8, "sts_spearman": 0.8, "sts_mse": 0.5})
     assert list(sts) == TASKS["sts"].metric_names and TASKS["sts"].main_metric == "sts_pearson"
     scores = {"sst_acc": 0.5, "para_acc": 0.8, "sts_pearson": 0.6, "sts_mse": 9.0}
-    assert overall(scores, ["sst", "para", "sts"]) == pytest.approx((0.5 + 0.8 + 0.8) / 3)
+    assert overall(scores, [TASKS[t] for t in ("sst", "para", "sts")]) == pytest.approx((0.5 + 0.8 + 0.8) / 3)
 
 
 def test_metrics_match_sklearn_on_random_predictions():
     sklearn = pytest.importorskip("sklearn.metrics")
     g = torch.Generator().manual_seed(0)
     pred, gold = torch.randint(0, 5, (200,), generator=g).tolist(), torch.randint(0, 5, (200,), generator=g).tolist()
-    ours = TASKS["sst"].metrics(pred, gold)
+    ours = TASKS["sst"].evaluate(pred, gold)
     assert ours["sst_macro_f1"] == pytest.approx(sklearn.f1_score(gold, pred, average="macro"))
     assert ours["sst_acc"] == pytest.approx(sklearn.accuracy_score(gold, pred))
     binary = [p % 2 for p in pred], [t % 2 for t in gold]
-    assert TASKS["para"].metrics(*binary)["para_f1"] == pytest.approx(sklearn.f1_score(binary[1], binary[0]))
+    assert TASKS["para"].evaluate(*binary)["para_f1"] == pytest.approx(sklearn.f1_score(binary[1], binary[0]))
 
 
 def test_objectives_losses_scores_and_labels():
@@ -61,10 +61,14 @@ def test_objectives_losses_scores_and_labels():
 
 
 def test_registry_declares_files_headers_and_divergences():
-    assert {t: (task.kind, task.num_outputs, task.smart_divergence) for t, task in TASKS.items()} == {
-        "sst": ("sentiment", 5, "classification"), "cfimdb": ("sentiment", 2, "classification"),
-        "para": ("paraphrase", 1, "binary"), "sts": ("similarity", 1, "regression")}
-    assert TASKS["sts"].output_header == "Predicted_Similiary"  # the CS224N starter code's spelling
-    assert TASKS["para"].file_pattern.format(split="dev") == "quora-dev.csv" and TASKS["para"].is_pair
+    objectives = {t: task.objective() for t, task in TASKS.items()}
+    assert {t: (task.kind, objectives[t].outputs(task.num_classes), objectives[t].divergence)
+            for t, task in TASKS.items()} == {
+        "sst": ("classification", 5, "classification"), "cfimdb": ("classification", 2, "classification"),
+        "para": ("pair_classification", 1, "binary"), "sts": ("pair_regression", 1, "regression")}
+    assert TASKS["sts"].prediction_header == "Predicted_Similiary"  # the CS224N starter code's spelling
+    assert TASKS["para"].file("dev") == "quora-dev.csv" and TASKS["para"].is_pair
+    assert TASKS["sst"].file("test") == "ids-sst-test-student.csv"
+    assert [TASKS[t].prediction_name("test") for t in TASKS] == [f"{t}-test-output.csv" for t in TASKS]
     with pytest.raises(KeyError, match="unknown task 'imdb'; known tasks: sst, cfimdb, para, sts"):
         get_task("imdb")

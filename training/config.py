@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minbert.data import TASKS, TaskDataset, load_split, split_path
+from minbert.data import TASKS, Task, TaskDataset, get_task, load_split, open_task_file, read_task_file, split_path
 from minbert.data.tasks import OBJECTIVES
 from minbert.heads import POOLINGS, HeadConfig
 from minbert.errors import ConfigError, MinbertError
@@ -62,7 +62,10 @@ class ModelOptions:
     model: str | None = flag(None, "checkpoint directory, Hugging Face model name, 'minilm', or 'bilstm' (the "
                                "non-BERT baseline) (default: bert-base-uncased from the local cache if present, "
                                "else minilm)")
-    tasks: str = flag("sst,para,sts", f"comma-separated subset of {','.join(TASKS)}")
+    tasks: str = flag("sst,para,sts", f"comma-separated tasks: built in ({','.join(TASKS)}) or defined by "
+                      "--task_def")
+    task_def: str | None = flag(None, "a task file (JSON; YAML with PyYAML installed) that defines more tasks by "
+                                "name: kind, files, columns, labels, loss, metrics, head (docs/tasks.md)")
     hidden_dropout_prob: float = flag(0.0, "dropout on hidden states in the encoder and heads (BERT's own is "
                                       "0.1; 0 scored best at README command 1's 300 steps, RESULTS.md)")
     max_length: int = flag(128, "longest input in tokens (capped at the model's position embeddings)")
@@ -76,6 +79,14 @@ class ModelOptions:
             raise ConfigError(f"--hidden_dropout_prob must be in [0, 1), got {self.hidden_dropout_prob}")
         at_least("max_length", self.max_length, 3)
         at_least("finetune_last", self.finetune_last, 0)
+        self.defined = read_task_file(self.task_def) if self.task_def else {}  # name -> Task
+
+    def task(self, name: str) -> Task:
+        """A task --tasks or --mlm_data names: defined by --task_def, or built in."""
+        try:
+            return get_task(name, self.defined)
+        except KeyError as err:
+            raise ConfigError(f"{err.args[0]}" + ("" if self.task_def else " (define more with --task_def FILE)"))
 
     @property
     def task_list(self) -> list[str]:
@@ -101,20 +112,22 @@ class HeadOptions:
     shared_layer: int = flag(0, "width of one shared projection before the heads, no task streams (0 = off)")
     stream_activation: str = flag("none", "activation on the streams / shared layer (none: linear, as in the "
                                   "project's equations)", ("none", "relu"))
-    para_loss: str = flag("bce", "bce on a logit, or cosine_embedding on cos(u, v) (needs --para_head cosine)",
-                          tuple(o.name for o in OBJECTIVES.values() if o.kind == "paraphrase"))
+    para_loss: str = flag("bce", "bce on a logit, cosine_embedding on cos(u, v) (needs --para_head cosine), or "
+                          "cross_entropy on two logits", tuple(o.name for o in OBJECTIVES.values()
+                                                                if TASKS["para"].fits(o)))
     sts_loss: str = flag("mse", "mse on the 0-5 scores, or mse_rescaled: in the cosine's range [-1, 1] (= mse / "
                          "6.25, so STS weighs less in the summed loss)",
-                         tuple(o.name for o in OBJECTIVES.values() if o.kind == "similarity"))
+                         tuple(o.name for o in OBJECTIVES.values() if TASKS["sts"].fits(o)))
 
     def __post_init__(self):
         for name in ("multi_stream", "shared_layer"):
             at_least(name, getattr(self, name), 0)
 
-    def head_config(self, tasks: list[str], dropout: float, cfimdb_labels: list[int] | None = None) -> HeadConfig:
+    def head_config(self, tasks: list[str], dropout: float, cfimdb_labels: list[int] | None = None,
+                    task_defs: dict[str, dict] | None = None) -> HeadConfig:
         return HeadConfig(tasks, self.pooling, self.pair_encoding, self.sentiment_head, self.para_head, self.sts_head,
                           self.multi_stream, self.shared_layer, self.stream_activation, self.para_loss, self.sts_loss,
-                          cfimdb_labels, dropout)
+                          cfimdb_labels, dropout, task_defs or {})
 
 
 @dataclass
@@ -159,9 +172,9 @@ class AdapterOptions:
 
 @dataclass
 class DataOptions:
-    """Where the CS224N files are and how they are read and batched."""
+    """Where the task files are and how they are read and batched."""
 
-    data_dir: str = flag("data", "folder holding the CS224N csv files")
+    data_dir: str = flag("data", "folder holding the CS224N csv files, and the files of --task_def tasks")
     bucket: bool = flag(True, "length-bucketed ('sortish') training batches")
     strict: bool = flag(False, "broken data rows are fatal instead of skipped")
     merge_cfimdb: bool = flag(False, "mix CFIMDB's train reviews into the SST stream, labels mapped by "
@@ -195,13 +208,22 @@ class DataOptions:
                               f"{self.cfimdb_label_map!r}")
         return labels
 
-    def file(self, task: str, split: str) -> Path:
-        """The file of a task's split: its --{task}_{split} override, else the standard name in --data_dir."""
-        return Path(getattr(self, f"{task}_{split}") or split_path(self.data_dir, task, split))
+    def file(self, task: Task, split: str) -> Path | None:
+        """The file of a task's split: a CS224N task's --{task}_{split} override, else the task's file in
+        --data_dir (None: a test split the task does not have)."""
+        override = getattr(self, f"{task.name}_{split}", None)
+        return Path(override) if override else split_path(self.data_dir, task, split)
 
-    def read(self, task: str, split: str, report=None) -> TaskDataset:
+    def read(self, task: Task, split: str, report=None) -> TaskDataset:
         """Read a split (DataError for a bad file); skipped broken rows are summarised to `report`."""
         return load_split(self.data_dir, task, split, self.strict, self.file(task, split), report)
+
+    def check_columns(self, tasks: list[Task], splits=("train", "dev")) -> None:
+        """Read only the header of each task's files and refuse a missing column: a task file's misspelt column
+        stops the run before any data is read."""
+        for task in tasks:
+            for split in splits:
+                open_task_file(self.file(task, split), task, labeled=split != "test", header_only=True)
 
 
 @dataclass
@@ -406,6 +428,11 @@ class TrainConfig:
 
     def __post_init__(self):
         tasks = self.model.task_list
+        known = {**TASKS, **self.model.defined}
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            raise ConfigError(f"--tasks: unknown task(s) {','.join(unknown)}; choose from {','.join(known)}"
+                              + ("" if self.model.task_def else " or define yours with --task_def FILE"))
         self.head_config()  # validates tasks and heads
         m = self.methods
         if (m.aggregator_name != "sum" or m.weighting_name) and self.loop.scheduler != "all":
@@ -420,20 +447,25 @@ class TrainConfig:
                                   "once")
         if self.data.merge_cfimdb and ("sst" not in tasks or "cfimdb" in tasks):
             raise ConfigError("--merge_cfimdb mixes CFIMDB into SST: --tasks needs sst and not cfimdb")
-        metrics = ["overall"] + [m for t in self.scored_tasks for m in TASKS[t].metric_names]
+        metrics = ["overall"] + [m for t in self.scored_tasks for m in t.metric_names]
         if self.loop.best_metric not in metrics:
             raise ConfigError(f"--best_metric {self.loop.best_metric}: choose one of {', '.join(metrics)}")
-        unknown = [t for t in self.mlm.mlm_data.split(",") if t not in TASKS]
+        unknown = [t for t in self.mlm.mlm_data.split(",") if t not in known]
         if unknown:
-            raise ConfigError(f"--mlm_data: unknown task(s) {','.join(unknown)}; choose from {','.join(TASKS)}")
+            raise ConfigError(f"--mlm_data: unknown task(s) {','.join(unknown)}; choose from {','.join(known)}")
 
     def head_config(self) -> HeadConfig:
-        return self.heads.head_config(self.model.task_list, self.model.hidden_dropout_prob, self.data.cfimdb_labels())
+        """The model's tasks and heads; the definitions of --task_def tasks travel in it (and so in checkpoints)."""
+        defined = {t: self.model.defined[t].definition() for t in self.tasks if t in self.model.defined}
+        return self.heads.head_config(self.tasks, self.model.hidden_dropout_prob, self.data.cfimdb_labels(), defined)
+
+    def task(self, name: str) -> Task:
+        return self.model.task(name)
 
     @property
-    def scored_tasks(self) -> list[str]:
+    def scored_tasks(self) -> list[Task]:
         """The tasks scored on dev: the trained ones, and CFIMDB when it is merged into SST."""
-        return self.tasks + (["cfimdb"] if self.data.merge_cfimdb else [])
+        return [self.task(t) for t in self.tasks + (["cfimdb"] if self.data.merge_cfimdb else [])]
 
     @property
     def tasks(self) -> list[str]:

@@ -16,8 +16,9 @@ from minbert.checkpoint import read_json
 from minbert.errors import ConfigError, MinbertError
 from minbert.runtime import AMP_CHOICES, resolve_device, resolve_precision
 from minbert.training.config import DataOptions, TrainConfig
-from minbert.training.evaluation import average, dev_metrics, labels_by_id, write_predictions
+from minbert.training.evaluation import average, dev_metrics, labels_by_id, overall_formula, write_predictions
 from minbert.training.plots import plot_predictions
+from minbert.training.run_dir import refuse_run_folder
 
 
 def format_table(rows: dict[str, dict]) -> str:
@@ -33,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help="checkpoint directories written by train.py (e.g. runs/NAME/best); several = an ensemble")
-    p.add_argument("--data_dir", default="data", help="folder holding the CS224N csv files (default: data)")
+    p.add_argument("--data_dir", default="data", help="folder holding the CS224N csv files and those of the tasks a "
+                   "checkpoint defines (default: data)")
     p.add_argument("--output_dir", default="predictions", help="where the *-output.csv files go")
     for task in TASKS:
         for split in ("dev", "test"):
@@ -60,40 +62,50 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     precision = resolve_precision(device, args.amp)
     data = DataOptions(args.data_dir, **{k: v for k, v in vars(args).items() if k.endswith(("_dev", "_test"))})
+    for path in args.checkpoints:
+        refuse_run_folder(Path(path))
     models = {path: MultitaskBert.from_checkpoint(path, device) for path in args.checkpoints}
     first = next(iter(models.values()))
     trained = [t for t in first.config.tasks if all(t in m.config.tasks for m in models.values())]
     merged = ["cfimdb"] if all(m.config.cfimdb_labels for m in models.values()) else []  # scored by the SST head
-    tasks = trained + merged
-    dev_sets, test_sets = {t: data.read(t, "dev", print) for t in tasks}, {}
-    for task in tasks:
-        if data.file(task, "test").is_file():
-            test_sets[task] = data.read(task, "test", print)
+    specs = {t: first.task(t) for t in trained + merged}  # the checkpoints carry the definitions of their tasks
+    for path, model in models.items():
+        differ = [t for t, spec in specs.items() if model.task(t) != spec]
+        if differ:
+            raise ConfigError(f"{path} defines task(s) {', '.join(differ)} otherwise than {args.checkpoints[0]}: "
+                              "an ensemble averages the scores of one task definition")
+    dev_sets, test_sets = {t: data.read(spec, "dev", print) for t, spec in specs.items()}, {}
+    for task, spec in specs.items():
+        test_file = data.file(spec, "test")
+        if test_file is not None and test_file.is_file():
+            test_sets[task] = data.read(spec, "test", print)
         else:
-            print(f"no test file for {task} ({data.file(task, 'test')}): skipping its test predictions")
+            print(f"no test file for {task} ({test_file or 'none in its definition'}): skipping its test predictions")
     # every member predicts with its own tokenizer and pair encoding; an ensemble averages scores
     table, dev_scores, test_scores = {}, [], []
+    scored = [specs[t] for t in trained]
     for path, model in models.items():
         dev = {t: model.encode(d, args.max_length) for t, d in dev_sets.items()}
         dev_scores.append({t: model.predict_scores(enc, args.batch_size, precision) for t, enc in dev.items()})
         test_scores.append({t: model.predict_scores(model.encode(d, args.max_length), args.batch_size, precision)
                             for t, d in test_sets.items()})
-        table[path] = dev_metrics(dev, {t: labels_by_id(t, s) for t, s in dev_scores[-1].items()}, trained)
-    predictions = {t: labels_by_id(t, average([s[t] for s in dev_scores])) for t in tasks}
-    metrics = dev_metrics(dev, predictions, trained)
+        table[path] = dev_metrics(dev, {t: labels_by_id(specs[t], s) for t, s in dev_scores[-1].items()}, scored)
+    predictions = {t: labels_by_id(specs[t], average([s[t] for s in dev_scores])) for t in specs}
+    metrics = dev_metrics(dev, predictions, scored)
     if len(models) > 1:
         table[f"ensemble of {len(models)}"] = metrics
     out_dir = Path(args.output_dir)
     for task, labels in predictions.items():
-        write_predictions(out_dir / f"{task}-dev-output.csv", task, labels)
+        write_predictions(out_dir, "dev", specs[task], labels)
     for task in test_sets:
-        write_predictions(out_dir / f"{task}-test-output.csv", task, labels_by_id(task, average(
+        write_predictions(out_dir, "test", specs[task], labels_by_id(specs[task], average(
             [s[task] for s in test_scores])))
     if args.plots:
         for path in plot_predictions(dev, predictions, out_dir):
             print(f"wrote {path}")
     print(f"predictions in {out_dir}/")
     print(format_table(table))
+    print(f"overall: {overall_formula(scored)}")
     print(json.dumps(metrics))
     return metrics
 

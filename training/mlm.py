@@ -33,7 +33,7 @@ def read_sentences(cfg: TrainConfig, session: Session, tok: Tokenizer, max_lengt
     sentences = {"train": [], "dev": []}
     for task in cfg.mlm.mlm_data.split(","):
         for split in sentences:
-            data = cfg.data.read(task, split, session.log)
+            data = cfg.data.read(cfg.task(task), split, session.log)
             sentences[split] += data.texts + (data.pairs or [])
     sentences["dev"] = sentences["dev"][:HELDOUT_SENTENCES]
     return {split: EncodedTask(f"mlm-{split}", [str(i) for i in range(len(texts))],

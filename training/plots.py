@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from minbert.data import TASKS, EncodedTask
+from minbert.data import EncodedTask
+from minbert.data.tasks import METRICS
 from minbert.checkpoint import atomic_write
 from minbert.errors import ConfigError
+
+METRIC_SUFFIXES = tuple(f"_{m}" for names in METRICS.values() for m in names)  # sst_acc, sts_mse ...
 
 
 def pyplot():
@@ -57,7 +60,7 @@ def plot_training(run_dir: str | Path) -> list[Path]:
         rates.legend()
         written.append(save(fig, out / "losses.png"))
     if evaluations:
-        metrics = [k for k in evaluations[0] if k == "overall" or k.split("_", 1)[0] in TASKS]
+        metrics = [k for k in evaluations[0] if k == "overall" or k.endswith(METRIC_SUFFIXES)]
         fig, ax = plt.subplots(figsize=(7, 4))
         for metric in (m for m in metrics if not m.endswith("_mse")):  # MSE has another scale
             ax.plot([r["step"] for r in evaluations], [r[metric] for r in evaluations], marker="o", label=metric)
@@ -77,9 +80,9 @@ def plot_predictions(dev: dict[str, EncodedTask], predictions: dict, directory: 
         if enc.is_regression:
             ax.scatter(gold, pred - gold, s=4, alpha=0.5)
             ax.axhline(0, color="k", lw=0.8)
-            ax.set(xlabel="gold similarity", ylabel="predicted - gold", title=f"{task} dev residuals")
+            ax.set(xlabel="gold score", ylabel="predicted - gold", title=f"{task} dev residuals")
         else:
-            n = TASKS[task].num_classes
+            n = enc.spec.num_classes
             cm = np.zeros((n, n), dtype=int)
             np.add.at(cm, (gold.astype(int), pred.astype(int)), 1)
             ax.imshow(cm, cmap="Blues")

@@ -49,6 +49,13 @@ OPTIONS = "train_config.json"
 SET_NAME = re.compile(rf"{CHECKPOINTS}/step-\d{{6,}}")  # what the pointer may name
 
 
+def refuse_run_folder(path: Path) -> None:
+    """A run folder passed where a checkpoint is wanted: say which of its checkpoints to pass."""
+    if any((path / marker).exists() for marker in (POINTER, CHECKPOINTS, "last")):
+        raise CheckpointError(f"minbert: {path} is a training run folder, not a checkpoint: pass {path / 'best'} "
+                              f"(the best dev checkpoint) or {path / 'last'} (the latest)")
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minbert.data import TASKS
 from minbert.heads import MultitaskBert
 from minbert.runtime import autocast
 from minbert.optim import EMATeacher, GradNorm, LossScaler, bregman_divergence, smart_loss
@@ -112,7 +111,7 @@ def task_loss(model: MultitaskBert, task: str, batch: dict, cfg: TrainConfig, st
     embeddings, mask, paired = model.embed(batch)  # (B, T, H)
     forward = lambda emb: model.from_embeddings(task, emb, mask, paired)  # noqa: E731
     out = forward(embeddings)
-    kind = TASKS[task].smart_divergence
+    kind = model.config.divergence(task)
     loss = model.objectives[task].loss(out, batch["labels"]) + m.smart_lambda * smart_loss(
         forward, embeddings, out, kind, m.smart_noise, m.smart_eps, m.smart_step_size, m.smart_steps,
         grad_scale=state.scaler.scale_value)

@@ -24,7 +24,7 @@ from minbert.errors import ConfigError, MinbertError, os_error_hint
 from minbert.optim import AdamW, NonFiniteLoss, TaskSampler, lr_lambda
 from minbert.training.config import TrainConfig, parse_args
 from minbert.training.distributed import env_rank
-from minbert.training.evaluation import dev_scores, evaluate, lower_is_better
+from minbert.training.evaluation import dev_scores, evaluate, lower_is_better, overall_formula
 from minbert.training.mlm import pretrain_mlm
 from minbert.training.plots import plot_training, pyplot
 from minbert.training.session import Session, Terminated
@@ -45,7 +45,8 @@ def build_model(cfg: TrainConfig, session: Session) -> MultitaskBert:
 def load_data(cfg: TrainConfig, model: MultitaskBert, session: Session) -> tuple[dict, dict]:
     """Train and dev sets of every task, tokenized once; broken rows are skipped and logged (fatal with --strict).
     With --merge_cfimdb, CFIMDB's train reviews join SST's with mapped labels, and its dev set is scored too."""
-    read = lambda task, split: cfg.data.read(task, split, session.log)  # noqa: E731
+    read = lambda task, split: cfg.data.read(cfg.task(task), split, session.log)  # noqa: E731
+    cfg.data.check_columns(cfg.scored_tasks)  # a misspelt column stops the run before any data is read
     train, dev = {}, {}
     for task in cfg.tasks:
         data = read(task, "train")
@@ -56,6 +57,7 @@ def load_data(cfg: TrainConfig, model: MultitaskBert, session: Session) -> tuple
         session.log(f"{task}: {len(train[task])} train / {len(dev[task])} dev rows")
     if cfg.data.merge_cfimdb:
         dev["cfimdb"] = model.encode(read("cfimdb", "dev"), cfg.model.max_length)
+    session.log(f"overall: {overall_formula([cfg.task(t) for t in cfg.tasks])}")
     return train, dev
 
 
