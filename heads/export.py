@@ -63,8 +63,8 @@ def model_card(model: MultitaskBert, directory: Path, metrics: dict | None = Non
              "tags: [sentence-transformers, feature-extraction, sentence-similarity, minbert]",
              *([f"base_model: {base}"] if model.base_model else []), "---", "",
              f"# {directory.name}", "",
-             f"A sentence encoder fine-tuned with minbert from {base} on the CS224N multi-task "
-             f"tasks {tasks} ({model.pooling.kind} pooling, {model.config.pair_encoding}-encoded pairs); the task "
+             f"A sentence encoder fine-tuned with minbert from {base} on the tasks {tasks}"
+             f" ({model.pooling.kind} pooling, {model.config.pair_encoding}-encoded pairs); the task "
              "heads stay in minbert.", ""]
     if scores:
         lines += ["## Dev metrics", "", "| metric | value |", "|---|---|",

@@ -83,10 +83,7 @@ class ModelOptions:
 
     def task(self, name: str) -> Task:
         """A task --tasks or --mlm_data names: defined by --task_def, or built in."""
-        try:
-            return get_task(name, self.defined)
-        except KeyError as err:
-            raise ConfigError(f"{err.args[0]}" + ("" if self.task_def else " (define more with --task_def FILE)"))
+        return get_task(name, self.defined)
 
     @property
     def task_list(self) -> list[str]:
@@ -211,7 +208,7 @@ class DataOptions:
     def file(self, task: Task, split: str) -> Path | None:
         """The file of a task's split: a CS224N task's --{task}_{split} override, else the task's file in
         --data_dir (None: a test split the task does not have)."""
-        override = getattr(self, f"{task.name}_{split}", None)
+        override = getattr(self, f"{task.name}_{split}") if f"{task.name}_{split}" in FILE_FLAGS else None
         return Path(override) if override else split_path(self.data_dir, task, split)
 
     def read(self, task: Task, split: str, report=None) -> TaskDataset:
