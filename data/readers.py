@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from minbert.errors import MinbertError
 
 from .tasks import Task, get_task
@@ -151,6 +153,15 @@ def merge_labels(base: TaskDataset, extra: TaskDataset, classes: list[int]) -> T
     negative/positive into SST's five classes)."""
     return TaskDataset(base.spec, base.path, base.ids + extra.ids, base.texts + extra.texts, None,
                        base.labels + [classes[label] for label in extra.labels], base.skipped + extra.skipped)
+
+
+def subset_rows(data: TaskDataset, rows: int, seed: int) -> TaskDataset:
+    """A seeded random `rows` of the dataset's rows, in file order (a fixed-size training set: the same rows every
+    epoch and on every rank)."""
+    keep = sorted(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:rows].tolist())
+    pick = lambda values: None if values is None else [values[i] for i in keep]  # noqa: E731
+    return TaskDataset(data.spec, data.path, pick(data.ids), pick(data.texts), pick(data.pairs), pick(data.labels),
+                       data.skipped)
 
 
 def split_path(data_dir: str | Path, task: Task | str, split: str) -> Path | None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 KINDS = ("classification", "binary", "regression")
+NORMS = ("ball", "token")  # the ascent step: projected onto the L∞ ball of radius ε, or unit size per token
 Embeddings = Tensor | tuple[Tensor, ...]
 
 
@@ -44,12 +45,19 @@ def smart_loss(
     steps: int = 1,
     generator: torch.Generator | None = None,
     grad_scale: float = 1.0,
+    norm: str = "ball",
 ) -> Tensor:
     """R_s = ℓ_s(f(x + δ), f(x)) (eq. 3): δ ~ N(0, σ²I), then ``steps`` ascent steps δ ← Π_ε(δ + η g/‖g‖∞), g = ∇_δ ℓ_s,
     Π_ε the projection onto the L∞ ball of radius ε, on detached x and f(x) (Alg. 1; norms per example, each tensor of a
     tuple perturbed on its own). R back-propagates through f(x + δ), ``clean_output`` (= forward_from_embeddings(
     embeddings), with graph) and x, not through δ. ``grad_scale`` multiplies ℓ_s before the ascent gradient is taken
-    (fp16 loss scaling: small gradients survive; g/‖g‖∞ does not depend on it)."""
+    (fp16 loss scaling: small gradients survive; g/‖g‖∞ does not depend on it).
+
+    ``norm="token"`` is the step of the smart-pytorch code that CS224N projects used instead: δ ← s / (‖s‖∞ + 1e-6)
+    with s = δ + η g, the norm per token (over the hidden dim), so every token's perturbation has unit size and
+    ``epsilon`` is not used."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     single = isinstance(embeddings, Tensor)
     xs = (embeddings,) if single else tuple(embeddings)
 
@@ -62,8 +70,12 @@ def smart_loss(
         deltas = [d.requires_grad_() for d in deltas]
         adv = divergence(f(tuple(x.detach() + d for x, d in zip(xs, deltas))), target, kind)
         grads = torch.autograd.grad(adv * grad_scale if grad_scale != 1.0 else adv, deltas)
-        deltas = [(d.detach() + step_size * g / _per_example_max(g).clamp_min(1e-12)).clamp(-epsilon, epsilon)
-                  for d, g in zip(deltas, grads)]
+        if norm == "token":
+            steps_taken = [d.detach() + step_size * (g / grad_scale) for d, g in zip(deltas, grads)]
+            deltas = [t / (t.abs().amax(-1, keepdim=True) + 1e-6) for t in steps_taken]
+        else:
+            deltas = [(d.detach() + step_size * g / _per_example_max(g).clamp_min(1e-12)).clamp(-epsilon, epsilon)
+                      for d, g in zip(deltas, grads)]
     return divergence(f(tuple(x + d for x, d in zip(xs, deltas))), clean_output, kind)
 
 

@@ -139,3 +139,28 @@ def test_ema_teacher_and_bregman_divergence():
     loss = bregman_divergence(student.from_embeddings(emb), teacher.model.from_embeddings(emb), "classification")
     loss.backward()
     assert loss.item() > 0 and student.encoder.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 1024.0])
+def test_token_norm_is_the_smart_pytorch_step(grad_scale):
+    """norm="token" as smart-pytorch writes it: noise = σ·randn; step = noise + η ∇_noise ℓ(f(x + noise), f(x));
+    noise = step / (‖step‖∞ over the last dim + 1e-6): every token's perturbation has unit size, ε unused."""
+    model = Tiny(5)
+    emb = model.embeddings(IDS).detach()
+    clean = model.from_embeddings(emb)
+    sigma, eta = 1e-2, 1e-3
+    noise = sigma * torch.randn(emb.shape, generator=torch.Generator().manual_seed(7))
+    noise.requires_grad_()
+    loss = divergence(model.from_embeddings(emb + noise), clean.detach(), "classification")
+    (grad,) = torch.autograd.grad(loss, noise)
+    step = noise.detach() + eta * grad
+    noise = step / (torch.linalg.vector_norm(step, ord=float("inf"), dim=-1, keepdim=True) + 1e-6)
+    expected = divergence(model.from_embeddings(emb + noise), clean, "classification")
+    forward, calls = recording(model.from_embeddings)
+    got = smart_loss(forward, emb, clean, "classification", sigma=sigma, epsilon=123.0, step_size=eta, steps=1,
+                     generator=torch.Generator().manual_seed(7), grad_scale=grad_scale, norm="token")
+    torch.testing.assert_close(got, expected)
+    delta = calls[-1] - emb
+    torch.testing.assert_close(delta.abs().amax(-1), torch.ones(IDS.shape), atol=1e-3, rtol=0)  # unit per token
+    with pytest.raises(ValueError, match="norm must be one of"):
+        smart_loss(model.from_embeddings, emb, clean, "classification", norm="l2")

@@ -23,6 +23,7 @@ from minbert.runtime import AMP_CHOICES
 from minbert.optim.aggregation import AGGREGATORS
 from minbert.optim.sampling import MODES as SAMPLING_MODES
 from minbert.optim.schedules import KINDS as LR_SCHEDULES
+from minbert.optim.smart import NORMS as SMART_NORMS
 from minbert.optim.weighting import WEIGHTINGS
 
 from .tracking import KINDS as TRACKERS
@@ -66,8 +67,12 @@ class ModelOptions:
                       "--task_def")
     task_def: str | None = flag(None, "a task file (JSON; YAML with PyYAML installed) that defines more tasks by "
                                 "name: kind, files, columns, labels, loss, metrics, head (docs/tasks.md)")
-    hidden_dropout_prob: float = flag(0.0, "dropout on hidden states in the encoder and heads (BERT's own is "
-                                      "0.1; 0 scored best at README command 1's 300 steps, RESULTS.md)")
+    hidden_dropout_prob: float = flag(0.0, "dropout on hidden states in the encoder and, without --head_dropout, "
+                                      "the heads (BERT's own is 0.1; 0 scored best at README command 1's 300 "
+                                      "steps, RESULTS.md)")
+    head_dropout: float | None = flag(None, "dropout in the task heads alone (the CS224N starter code's dropout, 0.3 "
+                                      "in most projects, with BERT's 0.1 kept by --hidden_dropout_prob 0.1); "
+                                      "default: --hidden_dropout_prob")
     max_length: int = flag(128, "longest input in tokens (capped at the model's position embeddings)")
     finetune_last: int = flag(0, "train only the last N encoder layers (0 = all)")
     bilstm_dropout: float = flag(0.3, "dropout of the --model bilstm baseline (embeddings and between LSTM layers)")
@@ -75,8 +80,10 @@ class ModelOptions:
     def __post_init__(self):
         if not 0 <= self.bilstm_dropout < 1:
             raise ConfigError(f"--bilstm_dropout must be in [0, 1), got {self.bilstm_dropout}")
-        if not 0 <= self.hidden_dropout_prob < 1:
-            raise ConfigError(f"--hidden_dropout_prob must be in [0, 1), got {self.hidden_dropout_prob}")
+        for name in ("hidden_dropout_prob", "head_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ConfigError(f"--{name} must be in [0, 1), got {value}")
         at_least("max_length", self.max_length, 3)
         at_least("finetune_last", self.finetune_last, 0)
         self.defined = read_task_file(self.task_def) if self.task_def else {}  # name -> Task
@@ -177,6 +184,8 @@ class DataOptions:
     merge_cfimdb: bool = flag(False, "mix CFIMDB's train reviews into the SST stream, labels mapped by "
                               "--cfimdb_label_map; CFIMDB dev is still scored on its own")
     cfimdb_label_map: str = flag("0:0,1:4", "the SST classes CFIMDB's labels 0 and 1 become")
+    train_rows: str | None = flag(None, "TASK=N,...: train on a seeded random N rows of a task's training set (the "
+                                  "same rows every epoch), e.g. para=8544 to cut Quora to SST's size")
     # the CS224N starter code's single-file flags (--sst_train ...) override files of --data_dir
     sst_train: str | None = None
     sst_dev: str | None = None
@@ -204,6 +213,19 @@ class DataOptions:
             raise ConfigError(f"--cfimdb_label_map must map 0 and 1 to two SST classes 0-4, e.g. 0:0,1:4; got "
                               f"{self.cfimdb_label_map!r}")
         return labels
+
+    def row_limits(self) -> dict[str, int]:
+        """--train_rows as task -> rows."""
+        if not self.train_rows:
+            return {}
+        try:
+            limits = {t: int(n) for t, n in (item.split("=") for item in self.train_rows.split(","))}
+        except ValueError:
+            limits = {}
+        if not limits or any(n < 1 for n in limits.values()):
+            raise ConfigError(f"--train_rows must be TASK=N,... with N at least 1, e.g. para=8544; got "
+                              f"{self.train_rows!r}")
+        return limits
 
     def file(self, task: Task, split: str) -> Path | None:
         """The file of a task's split: a CS224N task's --{task}_{split} override, else the task's file in
@@ -242,11 +264,14 @@ class LoopOptions:
                                         "(0 = off; evaluations: each epoch's end and every --eval_every steps)")
     early_stopping_threshold: float = flag(0.0, "a gain must be larger than this to reset the patience")
     eval_batch_size: int = 256
+    eval_train: int = flag(0, "also score a fixed sample of N rows of each training set at every evaluation "
+                           "(train_sst_acc ... in metrics.jsonl and the --plots curves: the overfitting check)")
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
             at_least(name, getattr(self, name), 1)
         at_least("eval_every", self.eval_every, 0)
+        at_least("eval_train", self.eval_train, 0)
         at_least("early_stopping_patience", self.early_stopping_patience, 0)
         at_least("early_stopping_threshold", self.early_stopping_threshold, 0)
         if self.steps_per_epoch is not None:
@@ -308,6 +333,9 @@ class MethodOptions:
     smart_eps: float = flag(1e-3, "radius ε of the (L∞) perturbation ball")
     smart_step_size: float = flag(1e-3, "ascent step size η")
     smart_steps: int = flag(1, "adversarial ascent steps K (0 = noise only)")
+    smart_norm: str = flag("ball", "the ascent step: ball = projected onto the L∞ ball of radius --smart_eps (the "
+                           "paper's Alg. 1); token = normalised to unit size per token, as the smart-pytorch code "
+                           "CS224N projects used does (--smart_eps unused)", SMART_NORMS)
     smart_bregman: float = flag(0.0, "weight μ of the Bregman proximal term against an EMA teacher (0 = off)")
 
     def __post_init__(self):
@@ -442,6 +470,10 @@ class TrainConfig:
             if sorted(order) != sorted(tasks):
                 raise ConfigError(f"--task_order {self.loop.task_order} must list each of --tasks {','.join(tasks)} "
                                   "once")
+        untrained = [t for t in self.data.row_limits() if t not in tasks]
+        if untrained:
+            raise ConfigError(f"--train_rows names {','.join(untrained)}, which --tasks {','.join(tasks)} does not "
+                              "train")
         if self.data.merge_cfimdb and ("sst" not in tasks or "cfimdb" in tasks):
             raise ConfigError("--merge_cfimdb mixes CFIMDB into SST: --tasks needs sst and not cfimdb")
         metrics = ["overall"] + [m for t in self.scored_tasks for m in t.metric_names]
@@ -454,7 +486,9 @@ class TrainConfig:
     def head_config(self) -> HeadConfig:
         """The model's tasks and heads; the definitions of --task_def tasks travel in it (and so in checkpoints)."""
         defined = {t: self.model.defined[t].definition() for t in self.tasks if t in self.model.defined}
-        return self.heads.head_config(self.tasks, self.model.hidden_dropout_prob, self.data.cfimdb_labels(), defined)
+        m = self.model
+        dropout = m.hidden_dropout_prob if m.head_dropout is None else m.head_dropout
+        return self.heads.head_config(self.tasks, dropout, self.data.cfimdb_labels(), defined)
 
     def task(self, name: str) -> Task:
         return self.model.task(name)

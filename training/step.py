@@ -114,7 +114,7 @@ def task_loss(model: MultitaskBert, task: str, batch: dict, cfg: TrainConfig, st
     kind = model.config.divergence(task)
     loss = model.objectives[task].loss(out, batch["labels"]) + m.smart_lambda * smart_loss(
         forward, embeddings, out, kind, m.smart_noise, m.smart_eps, m.smart_step_size, m.smart_steps,
-        grad_scale=state.scaler.scale_value)
+        grad_scale=state.scaler.scale_value, norm=m.smart_norm)
     if state.teacher:
         with torch.no_grad():
             target = state.teacher.model.from_embeddings(task, *state.teacher.model.embed(batch))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from minbert.data import TaskStream, merge_labels
+from minbert.data import TaskStream, merge_labels, subset_rows
 from minbert.heads import MultitaskBert
 from minbert.errors import ConfigError, MinbertError, os_error_hint
 from minbert.optim import AdamW, NonFiniteLoss, TaskSampler, lr_lambda
@@ -42,23 +42,33 @@ def build_model(cfg: TrainConfig, session: Session) -> MultitaskBert:
     return model.to(session.rt.device)
 
 
-def load_data(cfg: TrainConfig, model: MultitaskBert, session: Session) -> tuple[dict, dict]:
-    """Train and dev sets of every task, tokenized once; broken rows are skipped and logged (fatal with --strict).
-    With --merge_cfimdb, CFIMDB's train reviews join SST's with mapped labels, and its dev set is scored too."""
+def load_data(cfg: TrainConfig, model: MultitaskBert, session: Session) -> tuple[dict, dict, dict]:
+    """Train and dev sets of every task, tokenized once, and the --eval_train samples of the train sets; broken rows
+    are skipped and logged (fatal with --strict). With --merge_cfimdb, CFIMDB's train reviews join SST's with mapped
+    labels, and its dev set is scored too."""
     read = lambda task, split: cfg.data.read(cfg.task(task), split, session.log)  # noqa: E731
     cfg.data.check_columns(cfg.scored_tasks)  # a misspelt column stops the run before any data is read
-    train, dev = {}, {}
+    train, dev, train_sample = {}, {}, {}
     for task in cfg.tasks:
         data = read(task, "train")
         if task == "sst" and cfg.data.merge_cfimdb:
             data = merge_labels(data, read("cfimdb", "train"), cfg.data.cfimdb_labels())
             session.log(f"sst: {cfg.data.cfimdb_label_map} mapped CFIMDB reviews added to the SST train set")
+        if task in cfg.data.row_limits():
+            rows, seed = cfg.data.row_limits()[task], cfg.run.seed + cfg.tasks.index(task)
+            if rows > len(data):
+                raise ConfigError(f"--train_rows {task}={rows}: {data.path.name} has only {len(data)} usable rows")
+            session.log(f"{task}: a random {rows} of its {len(data)} train rows (--train_rows, seed {seed})")
+            data = subset_rows(data, rows, seed)
         train[task], dev[task] = (model.encode(d, cfg.model.max_length) for d in (data, read(task, "dev")))
+        if cfg.loop.eval_train:  # the same rows at every evaluation
+            sample = subset_rows(data, min(cfg.loop.eval_train, len(data)), cfg.run.seed)
+            train_sample[task] = model.encode(sample, cfg.model.max_length)
         session.log(f"{task}: {len(train[task])} train / {len(dev[task])} dev rows")
     if cfg.data.merge_cfimdb:
         dev["cfimdb"] = model.encode(read("cfimdb", "dev"), cfg.model.max_length)
     session.log(f"overall: {overall_formula([cfg.task(t) for t in cfg.tasks])}")
-    return train, dev
+    return train, dev, train_sample
 
 
 def data_fingerprint(train: dict) -> dict:
@@ -133,15 +143,19 @@ class Window:
         self.tokens, self.started = 0, time.perf_counter()
 
 
-def evaluate_and_save(session: Session, model: MultitaskBert, dev: dict, state: TrainState, window: Window,
-                      epoch_end: dict | None = None) -> None:
-    """Dev evaluation at the current step, its metrics.jsonl record (with the training seconds and tokens/s since
-    the last evaluation, and `epoch_end` facts), and a checkpoint set; then the window restarts."""
+def evaluate_and_save(session: Session, model: MultitaskBert, dev: dict, train_sample: dict, state: TrainState,
+                      window: Window, epoch_end: dict | None = None) -> None:
+    """Dev evaluation at the current step (and of the --eval_train samples: train_* metrics), its metrics.jsonl
+    record (with the training seconds and tokens/s since the last evaluation, and `epoch_end` facts), and a
+    checkpoint set; then the window restarts."""
     p, methods, record = state.progress, state.methods, None
     seconds = time.perf_counter() - window.started
     with session.rt.ranks.together():
         if session.run:  # rank 0 evaluates
             metrics, _ = evaluate(model, dev, session.cfg.loop.eval_batch_size, session.rt.precision)
+            if train_sample:
+                fit, _ = evaluate(model, train_sample, session.cfg.loop.eval_batch_size, session.rt.precision)
+                metrics.update({f"train_{k}": v for k, v in fit.items()})
             record = {"epoch": p.epoch, "step": p.global_step, **metrics, "train_seconds": round(seconds, 1),
                       "train_tokens_per_s": round(window.tokens / seconds), **(epoch_end or {}),
                       **methods.log(session.cfg.tasks),
@@ -188,7 +202,7 @@ def stop_on_sigterm(session: Session, model: MultitaskBert, state: TrainState) -
 
 
 def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[str] | None, steps: int,
-                streams: dict, state: TrainState, dev: dict) -> None:
+                streams: dict, state: TrainState, dev: dict, train_sample: dict) -> None:
     """Steps of one epoch (from where the run stands: a resumed run starts mid-epoch), saving and evaluating every
     --save_every / --eval_every steps and evaluating at its end (rank 0)."""
     cfg, rt, p = session.cfg, session.rt, state.progress
@@ -222,7 +236,7 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
                 p.global_step, "train")
         if p.step < steps:  # the end of the epoch evaluates and saves anyway
             if cfg.loop.eval_every and p.global_step % cfg.loop.eval_every == 0:
-                evaluate_and_save(session, model, dev, state, window)
+                evaluate_and_save(session, model, dev, train_sample, state, window)
                 if p.stopped:
                     bar.close()
                     return
@@ -233,7 +247,7 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
     if state.methods.weighting is not None:
         state.methods.weighting.step()  # DWA's per-epoch update
     per_task = {t: sum(plan[s % len(plan)] == t for s in range(steps)) if plan else steps for t in cfg.tasks}
-    evaluate_and_save(session, model, dev, state, window, {"steps_per_task": per_task})
+    evaluate_and_save(session, model, dev, train_sample, state, window, {"steps_per_task": per_task})
 
 
 def resume(session: Session, model: MultitaskBert, state: TrainState) -> None:
@@ -282,7 +296,7 @@ def run_training(cfg: TrainConfig, session: Session) -> dict:
     # ---- model and data ------------------------------------------------------------------------------------
     with rt.ranks.together():  # a failed download or a bad file on one rank stops them all
         model = build_model(cfg, session)
-        train, dev = load_data(cfg, model, session)
+        train, dev, train_sample = load_data(cfg, model, session)
     rt.ranks.broadcast(model)
     if cfg.run.compile:
         model.compile_encoder()
@@ -315,7 +329,7 @@ def run_training(cfg: TrainConfig, session: Session) -> dict:
             break
         model.train()
         plan = sampler.schedule(epoch + 1) if sampler else None
-        train_epoch(session, model, epoch, plan, steps_per_epoch, streams, state, dev)
+        train_epoch(session, model, epoch, plan, steps_per_epoch, streams, state, dev, train_sample)
     session.term.deferred = False
     if session.run is None:
         return {}

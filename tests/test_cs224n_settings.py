@@ -1,0 +1,92 @@
+"""The CS224N projects' settings that the flags express (issue: head-only dropout, fixed-size training subsets,
+smart-pytorch's SMART step, training-set scores), each checked for what it does, and unchanged runs by default."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minbert.data import load_split, subset_rows
+from minbert.heads import MultitaskBert
+from minbert.training import train
+from minbert.training.config import TrainConfig
+
+
+def run_args(model_dir, data_dir, out, *extra) -> list[str]:
+    return ["--model", str(model_dir), "--data_dir", str(data_dir), "--output_dir", str(out), "--epochs", "1",
+            "--steps_per_epoch", "3", "--batch_size", "4", "--lr", "1e-3", "--eval_batch_size", "8", *extra]
+
+
+def weights(run: Path) -> dict:
+    return load_file(run / "last" / "model.safetensors")
+
+
+def test_head_dropout_drops_in_the_heads_alone(tiny_model_dir):
+    cfg = TrainConfig.from_flags(hidden_dropout_prob=0.0, head_dropout=0.5)
+    model = MultitaskBert.from_pretrained(str(tiny_model_dir), cfg.head_config(), hidden_dropout_prob=0.0).train()
+    assert {m.p for m in model.heads.modules() if isinstance(m, torch.nn.Dropout)} == {0.5}
+    assert {m.p for m in model.bert.modules() if isinstance(m, torch.nn.Dropout)} <= {0.0}
+    batch = model.tokenizer(["the movie was good", "awful film"])
+    embeddings, mask, paired = model.embed(batch)
+    encoded = [model.bert.encode(embeddings, mask) for _ in range(2)]
+    torch.testing.assert_close(encoded[0], encoded[1])  # the encoder draws no masks
+    assert not torch.equal(model("sst", batch), model("sst", batch))  # the head does
+    default = TrainConfig.from_flags(hidden_dropout_prob=0.2)
+    assert default.head_config().dropout == 0.2 == default.replace(head_dropout=0.2).head_config().dropout
+    with pytest.raises(ValueError, match=r"--head_dropout must be in \[0, 1\), got 1.0"):
+        TrainConfig.from_flags(head_dropout=1.0)
+
+
+def test_head_dropout_left_out_trains_as_before(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Without --head_dropout the heads use --hidden_dropout_prob: the same run, bit for bit."""
+    train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", "--hidden_dropout_prob", "0.1"))
+    train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", "--hidden_dropout_prob", "0.1",
+                        "--head_dropout", "0.1"))
+    train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "c", "--hidden_dropout_prob", "0.1",
+                        "--head_dropout", "0.3"))
+    a, b, c = (weights(tmp_path / r) for r in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_train_rows_is_a_seeded_subset_in_file_order(tiny_model_dir, tiny_data_dir, tmp_path):
+    sst = load_split(tiny_data_dir, "sst", "train")
+    picked = subset_rows(sst, 10, seed=5)
+    assert len(picked) == 10 and set(picked.ids) <= set(sst.ids)
+    assert picked.ids == [i for i in sst.ids if i in set(picked.ids)]  # file order
+    assert [picked.labels[picked.ids.index(i)] for i in picked.ids] == [sst.labels[sst.ids.index(i)]
+                                                                         for i in picked.ids]
+    assert subset_rows(sst, 10, seed=5).ids == picked.ids != subset_rows(sst, 10, seed=6).ids
+    run = tmp_path / "run"
+    train.main(run_args(tiny_model_dir, tiny_data_dir, run, "--train_rows", "sst=10,sts=12"))
+    state = json.loads((run / "last" / "train_state.json").read_text())
+    assert {t: v["rows"] for t, v in state["data"].items()} == {"sst": 10, "para": 48, "sts": 12}
+    assert "sst: a random 10 of its 48 train rows (--train_rows, seed 11711)" in (run / "run.log").read_text()
+    for flags, match in ((["--train_rows", "sst=100"], "sst=100: ids-sst-train.csv has only 48 usable rows"),
+                         (["--train_rows", "cfimdb=5"], "names cfimdb, which --tasks sst,para,sts does not train"),
+                         (["--train_rows", "sst"], "must be TASK=N,...")):
+        with pytest.raises(SystemExit) as code:
+            train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "bad", "--overwrite", *flags))
+        assert code.value.code == 2
+
+
+def test_eval_train_scores_the_same_training_rows_at_every_evaluation(tiny_model_dir, tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    train.main(run_args(tiny_model_dir, tiny_data_dir, run, "--eval_train", "6", "--epochs", "2"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all({"train_sst_acc", "train_para_f1", "train_sts_pearson", "train_overall"} <= set(r) for r in records)
+    # the last record's train_sst_acc, recomputed from the checkpoint on the sampled rows
+    model = MultitaskBert.from_checkpoint(run / "last")
+    sample = subset_rows(load_split(tiny_data_dir, "sst", "train"), 6, seed=11711)
+    predicted = model.predict("sst", sample.texts)
+    assert records[-1]["train_sst_acc"] == pytest.approx(
+        sum(p == g for p, g in zip(predicted, sample.labels)) / 6)
+
+
+def test_smart_token_norm_trains_otherwise_than_the_ball(tiny_model_dir, tiny_data_dir, tmp_path):
+    for norm in ("ball", "token"):
+        train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / norm, "--smart", "--smart_norm", norm,
+                            "--smart_lambda", "10"))
+    ball, token = weights(tmp_path / "ball"), weights(tmp_path / "token")
+    assert any(not torch.equal(ball[k], token[k]) for k in ball)
