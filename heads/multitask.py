@@ -12,7 +12,7 @@ from minbert.bilstm import BiLSTMConfig, BiLSTMEncoder
 from minbert.data import EncodedTask, Task, TaskDataset, encode_dataset
 from minbert.errors import ConfigError
 from minbert.loading import default_model
-from minbert.lora import LoRAConfig
+from minbert.lora import LoRAConfig, apply_lora, mark_trainable
 from minbert.optim import param_groups_for_weight_decay
 from minbert.pals import PALs, PALsConfig
 
@@ -54,6 +54,24 @@ class MultitaskBert(Prediction, nn.Module):
         self.objectives = {task: config.objective(task) for task in config.tasks}
         self.heads = nn.ModuleDict({task: TaskHead(config.head_spec(task), dim, self.objectives[task].outputs(
             config.task(task).num_classes), config.dropout, config.task(task)) for task in config.tasks})
+        if lora is not None:
+            self.adapt_outside_encoder(lora)
+
+    def adapt_outside_encoder(self, lora: LoRAConfig) -> None:
+        """LoRA on every Linear of the heads and streams (--lora_targets heads,streams: CS224N projects 000 and
+        002); their base weights freeze, in lll as in fm."""
+        owners = {"heads": ("heads",), "streams": ("shared_stream", "streams")}
+        for target in (t for t in lora.targets if t in owners):
+            names = [name for name, m in self.named_modules()
+                     if isinstance(m, nn.Linear) and name.split(".")[0] in owners[target]]
+            if not names:
+                raise ConfigError("--lora_targets streams adapts the streams of --multi_stream or --shared_layer: "
+                                  "add one, or leave streams out" if target == "streams" else
+                                  "--lora_targets heads: the heads (" + ", ".join(str(h.spec) for h in self.heads.values())
+                                  + ") have no linear layer to adapt")
+            apply_lora(self, lora.r, lora.alpha, names, lora.variant, lora.dropout, lora.scaling)
+            for name in names:
+                mark_trainable(self.get_submodule(name), lora.mode)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, config: HeadConfig | None = None, lora: LoRAConfig | None = None,

@@ -1,7 +1,9 @@
-"""Low-rank adapters for nn.Linear: LoRA (Hu et al. 2021), rsLoRA (Kalajdzievski 2023), DoRA (Liu et al. 2024).
+"""Low-rank adapters for nn.Linear: LoRA (Hu et al. 2021), rsLoRA (Kalajdzievski 2023), DoRA (Liu et al. 2024); and
+LoRA / rsLoRA for nn.Embedding (the word embeddings).
 
 The adapted module keeps the frozen base `weight`/`bias` under their original state-dict keys and adds
-`lora_A` (r, in), `lora_B` (out, r) and, for DoRA, `magnitude` (out,); the numerics follow PEFT's LoRA layers.
+`lora_A` (r, in), `lora_B` (out, r) and, for DoRA, `magnitude` (out,); an embedding's `in` is its vocabulary and
+`out` its width. The numerics follow PEFT's LoRA layers.
 """
 import math
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ VARIANTS = ("lora", "rslora", "dora")
 MODES = ("lll", "fm")  # last-linear-layer (adapters only) / full-model (all but the adapted base weights)
 SCALINGS = ("alpha_over_r", "alpha")  # s = α/r (Hu et al. 2021 and PEFT) or s = α (a CS224N project's reading)
 ADAPTER_PARAMS = ("lora_A", "lora_B", "magnitude")
+OUTSIDE_TARGETS = ("heads", "streams")  # targets that name every Linear of the multi-task heads / streams
 
 
 class LoRALinear(nn.Module):
@@ -81,6 +84,43 @@ class LoRALinear(nn.Module):
                f"variant={self.variant!r}, scaling={self.scaling:g}"
 
 
+class LoRAEmbedding(nn.Module):
+    """E[x] + s·(B A)ᵀ[x]: a low-rank update of an embedding table, as PEFT's LoRA Embedding (A starts at 0, B
+    normal, no dropout); lora_A (r, V), lora_B (H, r)."""
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, variant: str = "lora", scaling: str = "alpha_over_r"):
+        super().__init__()
+        if variant == "dora":
+            raise ValueError("DoRA adapts nn.Linear layers only: leave the embeddings out of the targets, or use "
+                             "lora or rslora")
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        self.num_embeddings, self.embedding_dim, self.r = base.num_embeddings, base.embedding_dim, r
+        self.padding_idx, self.variant = base.padding_idx, variant
+        self.scaling = alpha / math.sqrt(r) if variant == "rslora" else alpha / r if scaling == "alpha_over_r" \
+            else float(alpha)
+        self.weight = base.weight.requires_grad_(False)  # (V, H), the same Parameter
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.zeros(r, self.num_embeddings, **factory))  # (r, V): ΔE = 0 at start
+        self.lora_B = nn.Parameter(torch.randn(self.embedding_dim, r, **factory))  # (H, r)
+
+    def merged_weight(self) -> torch.Tensor:
+        """E + s·(B A)ᵀ, (V, H)."""
+        return self.weight + self.scaling * (self.lora_B @ self.lora_A).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ids (...) -> (..., H)."""
+        y = F.embedding(x, self.weight, self.padding_idx)
+        return y + (F.embedding(x, self.lora_A.T) @ self.lora_B.T) * self.scaling  # (..., r) -> (..., H)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, r={self.r}, " \
+               f"variant={self.variant!r}, scaling={self.scaling:g}"
+
+
+ADAPTED = (LoRALinear, LoRAEmbedding)
+
+
 def matches(name: str, targets) -> bool:
     """PEFT's list form of `target_modules`: the module name equals a target or ends with '.' + target."""
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -88,33 +128,42 @@ def matches(name: str, targets) -> bool:
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, targets=("query", "value"), variant: str = "lora",
                dropout: float = 0.0, scaling: str = "alpha_over_r") -> nn.Module:
-    """Replace, in place, every nn.Linear whose name matches `targets` by a LoRALinear; returns `model`."""
+    """Replace, in place, every nn.Linear (by a LoRALinear) and nn.Embedding (by a LoRAEmbedding) whose name matches
+    `targets`; returns `model`."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    chosen = [(name, m) for name, m in linears if matches(name, targets)]
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    chosen = [(name, m) for name, m in layers if matches(name, targets)]
     if not chosen:
-        suffixes = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
-        examples = ", ".join(name for name, _ in linears[:4])
-        raise ValueError(f"apply_lora: no nn.Linear matches targets {list(targets)}; Linear names end with "
-                         f"{suffixes} (e.g. {examples})")
-    for name, linear in chosen:
+        linears = [name for name, m in layers if isinstance(m, nn.Linear)]
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name, _ in layers})
+        raise ValueError(f"apply_lora: no nn.Linear or nn.Embedding matches targets {list(targets)}; their names "
+                         f"end with {suffixes} (e.g. {', '.join(linears[:4])})")
+    for name, layer in chosen:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoRALinear(linear, r, alpha, variant, dropout, scaling))
+        adapted = LoRAEmbedding(layer, r, alpha, variant, scaling) if isinstance(layer, nn.Embedding) else \
+            LoRALinear(layer, r, alpha, variant, dropout, scaling)
+        setattr(model.get_submodule(parent) if parent else model, child, adapted)
     return model
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into a plain nn.Linear with the merged weight (same keys, same outputs); returns `model`."""
+    """Fold every adapter into a plain nn.Linear / nn.Embedding with the merged weight (same keys, same outputs);
+    returns `model`."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear):
-            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                               device=m.weight.device, dtype=m.weight.dtype)
-            linear.weight.copy_(m.merged_weight())
+        if isinstance(m, LoRAEmbedding):
+            plain = nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx, device=m.weight.device,
+                                 dtype=m.weight.dtype)
+        elif isinstance(m, LoRALinear):
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
+                              dtype=m.weight.dtype)
             if m.bias is not None:
-                linear.bias.copy_(m.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, linear)
+                plain.bias.copy_(m.bias)
+        else:
+            continue
+        plain.weight.copy_(m.merged_weight())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
     return model
 
 
@@ -123,7 +172,7 @@ def mark_trainable(model: nn.Module, mode: str = "lll") -> nn.Module:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     for module in model.modules():
-        adapted = isinstance(module, LoRALinear)
+        adapted = isinstance(module, ADAPTED)
         for leaf, p in module.named_parameters(recurse=False):
             adapter = adapted and leaf in ADAPTER_PARAMS
             p.requires_grad_(adapter if mode == "lll" else adapter or not adapted)
@@ -161,7 +210,15 @@ class LoRAConfig(DictConfig):
         if self.variant == "rslora" and self.scaling != "alpha_over_r":
             raise ValueError("LoRAConfig: rsLoRA's scale is α/√r by definition; leave --lora_scaling at alpha_over_r")
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """apply_lora with these settings, then mark_trainable(model, mode)."""
-        apply_lora(model, self.r, self.alpha, self.targets, self.variant, self.dropout, self.scaling)
+    @property
+    def encoder_targets(self) -> tuple:
+        """The targets inside the encoder: all but `heads` and `streams` (the multi-task model's own layers)."""
+        return tuple(t for t in self.targets if t not in OUTSIDE_TARGETS)
+
+    def apply(self, model: nn.Module, targets: tuple | None = None) -> nn.Module:
+        """apply_lora with these settings (to `targets`, default the encoder's), then mark_trainable(model, mode);
+        with no target inside `model`, only the marking (lll: the whole model frozen)."""
+        targets = self.encoder_targets if targets is None else targets
+        if targets:
+            apply_lora(model, self.r, self.alpha, targets, self.variant, self.dropout, self.scaling)
         return mark_trainable(model, self.mode)

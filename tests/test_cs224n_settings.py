@@ -90,3 +90,41 @@ def test_smart_token_norm_trains_otherwise_than_the_ball(tiny_model_dir, tiny_da
                             "--smart_lambda", "10"))
     ball, token = weights(tmp_path / "ball"), weights(tmp_path / "token")
     assert any(not torch.equal(ball[k], token[k]) for k in ball)
+
+
+def test_lora_on_word_embeddings_heads_and_streams(tiny_model_dir, tmp_path):
+    """--lora_targets query,value,word_embeddings,heads,streams (projects 000 and 002): every head and stream Linear
+    and the word embeddings get adapters, their base weights freeze; at the start the model computes what the plain
+    one does (B = 0, embedding A = 0), and a checkpoint rebuilds it."""
+    from minbert.heads import HeadConfig
+    from minbert.lora import LoRAConfig, LoRAEmbedding, LoRALinear
+    heads = HeadConfig(multi_stream=8, sentiment_head="mlp", dropout=0.0)
+    torch.manual_seed(0)
+    plain = MultitaskBert.from_pretrained(str(tiny_model_dir), heads, hidden_dropout_prob=0.0).eval()
+    torch.manual_seed(0)
+    lora = LoRAConfig(r=2, targets=("query", "value", "word_embeddings", "heads", "streams"))
+    model = MultitaskBert.from_pretrained(str(tiny_model_dir), heads, lora, hidden_dropout_prob=0.0).eval()
+    linears = {n: m for n, m in model.named_modules() if n.startswith(("heads", "shared_stream", "streams"))
+               and isinstance(m, (torch.nn.Linear, LoRALinear))}
+    assert linears and all(isinstance(m, LoRALinear) for m in linears.values())
+    assert "heads.sst.mlp.0" in linears and "shared_stream" in linears and "streams.sts" in linears
+    assert isinstance(model.bert.embeddings.word_embeddings, LoRAEmbedding)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in trainable)  # lll: adapters alone
+    assert "heads.sst.out.lora_B" in trainable and "heads.sst.out.weight" not in trainable
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)  # the same base weights
+    assert not unexpected and all(k.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for k in missing)
+    batch = model.tokenizer(["the movie was good", "awful film"])
+    with torch.no_grad():
+        torch.testing.assert_close(model("sst", batch), plain("sst", batch), atol=0, rtol=0)
+        for m in model.modules():
+            if isinstance(m, (LoRALinear, LoRAEmbedding)):
+                m.lora_B.add_(0.1), m.lora_A.add_(0.1)
+        out = model("sst", batch)
+        assert not torch.allclose(out, plain("sst", batch))
+    model.save(tmp_path / "ckpt")
+    torch.testing.assert_close(MultitaskBert.from_checkpoint(tmp_path / "ckpt")("sst", batch), out)
+    with pytest.raises(ValueError, match="--lora_targets streams adapts the streams of --multi_stream"):
+        MultitaskBert.from_pretrained(str(tiny_model_dir), HeadConfig(), LoRAConfig(targets=("query", "streams")))
+    with pytest.raises(ValueError, match=r"--lora_targets heads: the heads \(cosine_relu\) have no linear layer"):
+        MultitaskBert.from_pretrained(str(tiny_model_dir), HeadConfig(tasks=["sts"]), LoRAConfig(targets=("heads",)))

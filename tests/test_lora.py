@@ -9,8 +9,8 @@ import transformers
 
 import minbert
 from conftest import TINY, random_batch
-from minbert.lora import (LoRAConfig, LoRALinear, apply_lora, count_parameters, lora_state_dict, mark_trainable,
-                          merge_lora)
+from minbert.lora import (LoRAConfig, LoRAEmbedding, LoRALinear, apply_lora, count_parameters, lora_state_dict,
+                          mark_trainable, merge_lora)
 
 R, ALPHA = 4, 8
 H, I, L = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"]
@@ -235,10 +235,50 @@ def test_dropout_matches_peft_in_training():
 
 def test_no_matching_target_raises_with_the_available_names():
     _, model = base_models()
-    with pytest.raises(ValueError, match=r"no nn.Linear matches targets \['attn'\].*'dense'.*'query'"):
+    with pytest.raises(ValueError, match=r"no nn.Linear or nn.Embedding matches targets \['attn'\].*'dense'.*'query'"):
         apply_lora(model, targets=("attn",))
     with pytest.raises(ValueError, match="variant"):
         apply_lora(model, variant="lokr")
     with pytest.raises(ValueError, match="mode"):
         LoRAConfig(mode="all")
 
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora"])
+def test_word_embeddings_adapter_matches_peft_and_merges(variant):
+    """LoRA on the word embeddings (CS224N projects 000 and 002) as PEFT's Embedding layer: lora_A (r, V) from 0,
+    lora_B (H, r); outputs, trainable counts and the merged table agree."""
+    hf, ours = base_models()
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["word_embeddings",
+                                                                                              "query"],
+                                                     use_rslora=variant == "rslora")).eval()
+    apply_lora(ours, r=R, alpha=ALPHA, targets=("word_embeddings", "query"), variant=variant)
+    mark_trainable(ours, "lll")
+    embedding = ours.embeddings.word_embeddings
+    assert isinstance(embedding, LoRAEmbedding) and torch.equal(embedding.lora_A, torch.zeros(R, TINY["vocab_size"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if isinstance(m, (LoRALinear, LoRAEmbedding)):
+                p = theirs.base_model.model.get_submodule(name)
+                a, b = (p.lora_embedding_A["default"], p.lora_embedding_B["default"]) \
+                    if isinstance(m, LoRAEmbedding) else (p.lora_A["default"].weight, p.lora_B["default"].weight)
+                for src, dst in ((a, m.lora_A), (b, m.lora_B)):
+                    src.copy_(0.05 * torch.randn(src.shape, generator=g))
+                    dst.copy_(src)
+    batch = random_batch(TINY["vocab_size"])
+    with torch.no_grad():
+        a, b = ours(**batch), as_dict(theirs(**batch))
+        with theirs.disable_adapter():
+            base = as_dict(theirs(**batch))
+    assert max_diff(a, base, batch["attention_mask"]) > 1e-2
+    assert max_diff(a, b, batch["attention_mask"]) < 1e-5
+    assert count_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]
+    assert {"embeddings.word_embeddings.weight", "embeddings.word_embeddings.lora_A",
+            "embeddings.word_embeddings.lora_B"} <= set(ours.state_dict())
+    merged = merge_lora(ours)
+    assert type(merged.embeddings.word_embeddings) is torch.nn.Embedding
+    with torch.no_grad():
+        assert max_diff(merged(**batch), a, batch["attention_mask"]) < 1e-5
+    with pytest.raises(ValueError, match="DoRA adapts nn.Linear layers only"):
+        apply_lora(base_models()[1], r=R, targets=("word_embeddings",), variant="dora")

@@ -140,7 +140,9 @@ class AdapterOptions:
 
     lora: int = flag(0, "LoRA rank r (0 = no adapters)")
     lora_alpha: float = 16
-    lora_targets: str = flag("query,value", "Linear names to adapt, e.g. query,key,value,dense")
+    lora_targets: str = flag("query,value", "encoder Linear (or Embedding) names to adapt, e.g. query,key,value,dense "
+                             "or word_embeddings; heads and streams adapt every Linear of the task heads / streams, "
+                             "whose base weights then freeze")
     lora_variant: str = flag("lora", choices=LORA_VARIANTS)
     lora_mode: str = flag("lll", "lll: only adapters and heads train; fm: all but the adapted base weights",
                             LORA_MODES)
