@@ -23,7 +23,8 @@ def annealing_alpha(epoch: int, num_epochs: int, c: float = 0.8) -> float:
 
 
 class TaskSampler:
-    """Deterministic per-step task choice; an epoch holds sum_i batches_i steps (``batches`` from ``batches_per_task``).
+    """Deterministic per-step task choice; an epoch holds sum_i batches_i steps (``batches`` from ``batches_per_task``),
+    or with ``one_pass`` (random_epoch only) the batches of one pass over the epoch's task.
 
     ``sizes`` (N_i, e.g. training examples) drive the probabilities of ``proportional`` (p_i ∝ N_i) and ``annealed``
     (p_i ∝ N_i^alpha); ``order`` (default: ``sizes``' order) is the task order of ``round_robin`` and ``sequential``.
@@ -39,6 +40,7 @@ class TaskSampler:
         order: Sequence[str] | None = None,
         anneal_c: float = 0.8,
         seed: int = 0,
+        one_pass: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown sampling mode {mode!r}; expected one of {MODES}")
@@ -46,7 +48,9 @@ class TaskSampler:
         if sorted(self.tasks) != sorted(sizes):
             raise ValueError(f"order {self.tasks} must be a permutation of the tasks {list(sizes)}")
         self.sizes = {task: sizes[task] for task in self.tasks}
-        self.mode, self.num_epochs, self.anneal_c, self.seed = mode, num_epochs, anneal_c, seed
+        if one_pass and mode != "random_epoch":
+            raise ValueError("one_pass epochs are random_epoch's: one pass over the epoch's task")
+        self.mode, self.num_epochs, self.anneal_c, self.seed, self.one_pass = mode, num_epochs, anneal_c, seed, one_pass
         self.batches = batches_per_task(self.sizes, batch_size)
         self.steps_per_epoch = sum(self.batches.values())
 
@@ -72,8 +76,9 @@ class TaskSampler:
             rounds = max(self.batches.values())
             return [t for r in range(rounds) for t in self.tasks if r < self.batches[t]]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        if self.mode == "random_epoch":  # the whole epoch on one task drawn uniformly
-            return [self.tasks[int(torch.randint(len(self.tasks), (1,), generator=generator))]] * self.steps_per_epoch
+        if self.mode == "random_epoch":  # the whole epoch on one task drawn uniformly; `one_pass`: one pass over it
+            task = self.tasks[int(torch.randint(len(self.tasks), (1,), generator=generator))]
+            return [task] * (self.batches[task] if self.one_pass else self.steps_per_epoch)
         probs = torch.tensor(list(self.probabilities(epoch).values()), dtype=torch.float64)  # (num_tasks,)
         draws = torch.multinomial(probs, self.steps_per_epoch, replacement=True, generator=generator)
         return [self.tasks[i] for i in draws.tolist()]

@@ -128,3 +128,29 @@ def test_lora_on_word_embeddings_heads_and_streams(tiny_model_dir, tmp_path):
         MultitaskBert.from_pretrained(str(tiny_model_dir), HeadConfig(), LoRAConfig(targets=("query", "streams")))
     with pytest.raises(ValueError, match=r"--lora_targets heads: the heads \(cosine_relu\) have no linear layer"):
         MultitaskBert.from_pretrained(str(tiny_model_dir), HeadConfig(tasks=["sts"]), LoRAConfig(targets=("heads",)))
+
+
+def test_random_epoch_pass_is_one_pass_over_the_drawn_task(tiny_model_dir, tiny_data_dir, tmp_path):
+    from minbert.optim import TaskSampler
+    sampler = TaskSampler({"sst": 40, "para": 9, "sts": 20}, "random_epoch", batch_size=4, num_epochs=4, seed=3,
+                          one_pass=True)
+    for epoch in range(1, 5):
+        plan = sampler.schedule(epoch)
+        assert len(set(plan)) == 1 and len(plan) == {"sst": 10, "para": 3, "sts": 5}[plan[0]]
+        fixed = TaskSampler({"sst": 40, "para": 9, "sts": 20}, "random_epoch", batch_size=4, seed=3).schedule(epoch)
+        assert fixed == [plan[0]] * 18  # the same draw; today's epoch: sum of all tasks' batches
+    run = tmp_path / "run"
+    args = [a for a in run_args(tiny_model_dir, tiny_data_dir, run) if a not in ("--steps_per_epoch", "3")]
+    train.main(args + ["--scheduler", "random_epoch", "--random_epoch_pass", "--epochs", "3", "--train_rows",
+                       "sst=12,para=20,sts=8"])
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    batches = {"sst": 3, "para": 5, "sts": 2}
+    for record in records:
+        (task, n), = [(t, n) for t, n in record["steps_per_task"].items() if n]
+        assert n == batches[task]
+        assert [s for s in steps if s["epoch"] == record["epoch"]] and all(
+            f"loss_{task}" in s for s in steps if s["epoch"] == record["epoch"])
+    assert len(steps) == sum(sum(r["steps_per_task"].values()) for r in records)
+    with pytest.raises(SystemExit):
+        train.main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "bad", "--random_epoch_pass"))

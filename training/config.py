@@ -258,6 +258,8 @@ class LoopOptions:
     grad_accum: int = flag(1, "micro-batches accumulated per task and step")
     scheduler: str = flag("all", "task scheduling per step", SCHEDULERS)
     task_order: str | None = flag(None, "order for round_robin / sequential, e.g. sts,para,sst")
+    random_epoch_pass: bool = flag(False, "--scheduler random_epoch: each epoch is one pass over its drawn task "
+                                   "(project 002's baseline), not --steps_per_epoch steps")
     anneal_c: float = flag(0.8, "annealed sampling: α = 1 - c (e - 1) / (E - 1) (Stickland & Murray 2019)")
     eval_every: int = flag(0, "also evaluate on dev (and save) every N steps (0 = at the end of each epoch only)")
     best_metric: str = flag("overall", "the dev metric that picks best/ (e.g. sst_acc, sts_spearman; *_mse: lower "
@@ -467,6 +469,9 @@ class TrainConfig:
                                 ("loss_weighting", m.weighting_name)) if value not in (None, "sum"))
             raise ConfigError(f"{used} {'combine' if ' and ' in used else 'combines'} the tasks of one step, which "
                               f"--scheduler {self.loop.scheduler} trains one at a time: use --scheduler all")
+        if self.loop.random_epoch_pass and (self.loop.scheduler != "random_epoch" or self.loop.steps_per_epoch):
+            raise ConfigError("--random_epoch_pass sets the length of --scheduler random_epoch's epochs: use it with "
+                              "that scheduler and without --steps_per_epoch")
         if self.loop.task_order is not None:
             order = self.loop.task_order.split(",")
             if sorted(order) != sorted(tasks):

@@ -82,7 +82,7 @@ def task_schedule(cfg: TrainConfig, train: dict, streams: dict, session: Session
     sampler = None if cfg.loop.scheduler == "all" else TaskSampler(
         {t: len(train[t]) for t in cfg.tasks}, cfg.loop.scheduler, batch_size=cfg.loop.batch_size,
         num_epochs=cfg.loop.epochs, order=cfg.loop.task_order.split(",") if cfg.loop.task_order else None,
-        anneal_c=cfg.loop.anneal_c, seed=cfg.run.seed)
+        anneal_c=cfg.loop.anneal_c, seed=cfg.run.seed, one_pass=cfg.loop.random_epoch_pass)
     steps = cfg.loop.steps_per_epoch or (sampler.steps_per_epoch if sampler else
                                          max(s.batches_per_pass for s in streams.values()))
     if sampler and sampler.mode == "sequential":
@@ -312,13 +312,17 @@ def run_training(cfg: TrainConfig, session: Session) -> dict:
         groups.append({"params": methods.learned(), "lr": cfg.methods.weighting_lr or o.head_lr, "weight_decay": 0.0,
                        "name": "loss weighting"})
     optimizer = AdamW(groups, lr=o.lr)
-    total_steps = steps_per_epoch * cfg.loop.epochs
+    epoch_steps = [len(sampler.schedule(e + 1)) if cfg.loop.random_epoch_pass else steps_per_epoch
+                   for e in range(cfg.loop.epochs)]
+    total_steps = sum(epoch_steps)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(o.lr_schedule, o.warmup_steps(total_steps), total_steps))
     state = TrainState(optimizer, lr_sched, streams, methods, Progress(), data_fingerprint(train))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     session.log(f"{trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters | "
-                f"{cfg.loop.epochs} epoch(s) x {steps_per_epoch} steps | scheduler {cfg.loop.scheduler}")
+                f"{cfg.loop.epochs} epoch(s) x " + (f"{steps_per_epoch} steps" if not cfg.loop.random_epoch_pass else
+                                                    f"one pass over the epoch's task ({'+'.join(map(str, epoch_steps))} "
+                                                    "steps)") + f" | scheduler {cfg.loop.scheduler}")
     if session.resuming:
         resume(session, model, state)
 
@@ -329,7 +333,7 @@ def run_training(cfg: TrainConfig, session: Session) -> dict:
             break
         model.train()
         plan = sampler.schedule(epoch + 1) if sampler else None
-        train_epoch(session, model, epoch, plan, steps_per_epoch, streams, state, dev, train_sample)
+        train_epoch(session, model, epoch, plan, epoch_steps[epoch], streams, state, dev, train_sample)
     session.term.deferred = False
     if session.run is None:
         return {}
