@@ -29,6 +29,9 @@ RUNS = OUT.relative_to(ROOT) / "runs"  # one folder per run, relative to the rep
 SEEDS = (11711, 11712, 11713)
 BATCH = 32
 EXAMPLES = 14_400  # the budget in training examples: 150 steps of 32 + 32 + 32, or 450 one-task steps of 32
+# the budgets, in training examples: the table's, and one pass over the largest training set (Quora's 22,646 rows:
+# 708 steps of 32 + 32 + 32, run as 3 epochs of 236 steps and scored from best/)
+BUDGETS = {"standard": EXAMPLES, "one pass": 708 * BATCH * 3}
 METRICS = ("sst_acc", "para_acc", "sts_pearson", "overall")
 LABELS = {"sst_acc": "SST acc", "para_acc": "Quora acc", "sts_pearson": "STS r", "overall": "overall"}
 ONE_TASK_PER_STEP = ("random", "round_robin", "proportional", "annealed", "sequential", "random_epoch")
@@ -49,6 +52,7 @@ class Row:
     lr_source: str = BASE_LR
     before: tuple[str, ...] = ()
     epochs: int = 1
+    budget: str = "standard"  # a key of BUDGETS
 
     @property
     def key(self) -> str:
@@ -57,7 +61,7 @@ class Row:
 
     def steps(self) -> int:
         one_task = any(f"--scheduler {s}" in " ".join(self.flags) for s in ONE_TASK_PER_STEP)
-        return EXAMPLES // BATCH // (1 if one_task else 3) // self.epochs
+        return BUDGETS[self.budget] // BATCH // (1 if one_task else 3) // self.epochs
 
     def folder(self, seed: int) -> Path:
         """Where one seed of the row runs, relative to the repository root."""
@@ -169,19 +173,32 @@ ROWS = [
                                           "--smart", "--smart_steps", "0", "--smart_lambda", "5",
                                           "--hidden_dropout_prob", "0.1", "--head_dropout", "0.1")),
 ]
+LONG = dict(budget="one pass", epochs=3)
+ROWS += [  # the longer budget: its own table, against its own summed row
+    Row("baseline", "summed, one pass", **LONG),
+    Row("baseline", "summed, hidden dropout 0.1, one pass", ("--hidden_dropout_prob", "0.1"), **LONG),
+    Row("CS224N settings", "head dropout 0.3, BERT 0.1, one pass", ("--hidden_dropout_prob", "0.1", "--head_dropout",
+                                                                    "0.3"), **LONG),
+    Row("gradient surgery", "PCGrad, one pass", ("--pcgrad",), **LONG),
+    Row("CS224N settings", "SMART as project 003, one pass", ("--smart", "--smart_steps", "0", "--smart_lambda", "5"),
+        **LONG),
+    Row("adapters", "PALs pal, one pass", ("--pals", "pal"), **LONG),
+]
 ENSEMBLE = "ensemble of the 3 summed seeds"
 
 
-def finished(folder: Path) -> dict | None:
-    """The last metrics.jsonl record of a run whose last evaluation is at its last step, else None; its
-    train_seconds are the whole run's (each record counts the seconds since the evaluation before it)."""
+def finished(folder: Path, best: bool = False) -> dict | None:
+    """The last metrics.jsonl record (`best`: the one of best/, the highest overall) of a run whose last evaluation
+    is at its last step, else None; its train_seconds are the whole run's (each record counts the seconds since the
+    evaluation before it)."""
     metrics, config = folder / "metrics.jsonl", folder / "train_config.json"
     if not metrics.is_file() or not config.is_file():
         return None
     records = read_jsonl(metrics)
     if not records or records[-1]["epoch"] != json.loads(config.read_text())["loop"]["epochs"]:
         return None
-    return {**records[-1], "train_seconds": round(sum(r["train_seconds"] for r in records), 1)}
+    scored = max(records, key=lambda r: r["overall"]) if best else records[-1]  # max: the first of equals, as best/
+    return {**scored, "train_seconds": round(sum(r["train_seconds"] for r in records), 1)}
 
 
 def run(command: list[str], log: Path) -> None:
@@ -193,19 +210,20 @@ def run_row(row: Row, seed: int, data_dir: str) -> dict:
     """Train (or resume, or read back) one seed of a row; returns its figures."""
     folder = ROOT / row.folder(seed)
     command = row.command(data_dir, seed)
-    record = finished(folder)
+    best = row.budget != "standard"  # the longer budget is scored from best/
+    record = finished(folder, best)
     if record is None:
         folder.parent.mkdir(parents=True, exist_ok=True)
         resume = ["--resume"] if (folder / "checkpoint.json").is_file() else ["--overwrite"]
         run([sys.executable, *command[1:], *resume], row.log(seed))
-        record = finished(folder)
+        record = finished(folder, best)
     return {"row": row.name, "seed": seed, "command": " ".join(command), "train_seconds": record["train_seconds"],
             **{m: record[m] for m in METRICS}}
 
 
 def run_ensemble(data_dir: str) -> dict:
     """evaluate.py on the best checkpoints of the baseline's seeds together."""
-    members = [str(ROWS[0].folder(s) / "best") for s in SEEDS]
+    members = [str(ROWS[0].folder(s) / "best") for s in SEEDS]  # the standard budget's summed
     command = ["python", "evaluate.py", *members, "--data_dir", data_dir, "--output_dir",
                str(RUNS / "ensemble")]
     output = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -267,15 +285,22 @@ def cell(values: list[float], base: list[float] | None) -> str:
     return text + (" *" if direction(values, base) else "")
 
 
-def what_helps(by_row: dict[str, list[dict]]) -> list[str]:
-    """The table read out, with the same test as its `*` marks: rows better, no different or worse than the summed
-    baseline overall, and rows better on a task but not overall. Rows with fewer than all seeds are left out."""
-    base = by_row.get(ROWS[0].name)
-    rows = [r.name for r in ROWS[1:] if len(by_row.get(r.name, ())) == len(SEEDS)]
+def rows_of(budget: str) -> list[Row]:
+    """The rows of one budget, its summed baseline first."""
+    return [r for r in ROWS if r.budget == budget]
+
+
+def what_helps(by_row: dict[str, list[dict]], budget: str = "standard", heading: str = "## What helps") -> list[str]:
+    """The table of `budget` read out, with the same test as its `*` marks: rows better, no different or worse
+    than its summed baseline overall, and rows better on a task but not overall. Rows with fewer than all seeds are
+    left out."""
+    baseline, *others = rows_of(budget)
+    base = by_row.get(baseline.name)
+    rows = [r.name for r in others if len(by_row.get(r.name, ())) == len(SEEDS)]
     if base is None or len(base) < len(SEEDS) or not rows:
         return []
-    mean = {name: {m: statistics.mean(r[m] for r in by_row[name]) for m in METRICS} for name in [ROWS[0].name, *rows]}
-    summed = mean[ROWS[0].name]
+    mean = {name: {m: statistics.mean(r[m] for r in by_row[name]) for m in METRICS} for name in [baseline.name, *rows]}
+    summed = mean[baseline.name]
     sign = {name: {m: direction([r[m] for r in by_row[name]], [b[m] for b in base]) for m in METRICS} for name in rows}
     overall = {d: sorted((n for n in rows if sign[n]["overall"] == d), key=lambda n: -mean[n]["overall"])
                for d in (1, 0, -1)}
@@ -288,7 +313,7 @@ def what_helps(by_row: dict[str, list[dict]]) -> list[str]:
              for n in rows if sign[n]["overall"] <= 0}
     one_task = "; ".join(f"{n} ({', '.join(g)})" for n, g in gains.items() if g) or "none"
     best = max(rows, key=lambda n: mean[n]["overall"])
-    lines = ["## What helps", "",
+    lines = [heading, "",
              f"Read from the table above with the same test as its `*` (Welch's t-test against summed, p < 0.05, "
              f"{len(SEEDS)} seeds); summed scores {summed['overall']:.3f} overall. Figures in brackets are "
              "overall means unless named. No different means the test found no difference at this number of seeds, "
@@ -298,18 +323,43 @@ def what_helps(by_row: dict[str, list[dict]]) -> list[str]:
              f"- No different overall: {listed(overall[0])}.",
              f"- Worse overall: {listed(overall[-1])}.",
              f"- Highest overall mean of a single model: {best} ({mean[best]['overall']:.3f})."]
-    if ENSEMBLE in by_row:
+    if ENSEMBLE in by_row and budget == "standard":
         lines[-1] += f" The {ENSEMBLE} scores {by_row[ENSEMBLE][0]['overall']:.3f} (one evaluation, no spread)."
     return lines + [""]
 
 
+def table_rows(by_row: dict[str, list[dict]], budget: str) -> list[str]:
+    """The markdown rows of one budget's table: mean ± std per metric, * against its summed baseline."""
+    baseline = rows_of(budget)[0]
+    base, lines = by_row.get(baseline.name), []
+    extra = [Row("ensemble", ENSEMBLE)] if budget == "standard" else []
+    for row in [*rows_of(budget), *extra]:
+        runs = by_row.get(row.name)
+        if not runs:
+            command = row.command("../shared/data", SEEDS[0])
+            lines.append(f"| {row.family} | {row.name} | {row.lr:g} | pending | | | | | `{' '.join(command)}` |"
+                         if row.name != ENSEMBLE else f"| {row.family} | {row.name} | | pending | | | | | |")
+            continue
+        cells = [cell([r[m] for r in runs], None if row.name == baseline.name or base is None else
+                      [b[m] for b in base]) for m in METRICS]
+        seconds = statistics.mean(r["train_seconds"] for r in runs)
+        name = row.name if row.name == ENSEMBLE or len(runs) == len(SEEDS) else \
+            f"{row.name} ({len(runs)} of {len(SEEDS)} seeds so far)"
+        lines.append(f"| {row.family} | {name} | {row.lr:g} | " + " | ".join(cells)
+                     + f" | {seconds:.0f} | `{runs[0]['command']}` |")
+    return lines
+
+
+HEADER = f"| family | method | lr | {' | '.join(LABELS[m] for m in METRICS)} | train s | command |"
+RULE = "|---|---|---|---|---|---|---|---|---|"
+
+
 def write_table(results: list[dict]) -> None:
     by_row = group(results, "row")
-    base = by_row.get(ROWS[0].name)
     lines = [
-        "# Results: which methods help (MiniLM, one fixed budget)",
+        "# Results: which methods help (MiniLM, at fixed budgets)",
         "",
-        f"Every row trains the embedded all-MiniLM-L6-v2 on {EXAMPLES:,} training examples: 150 steps of 32 + 32 + 32 "
+        f"Every row of the first table trains the embedded all-MiniLM-L6-v2 on {EXAMPLES:,} training examples: 150 steps of 32 + 32 + 32 "
         "(one batch of each task per step), or 450 steps of 32 for the schedulers that train one task per step. "
         "The two schedulers that change from epoch to epoch (annealed, random_epoch) run them as 3 epochs of 150 "
         "steps and are scored after the last: in one epoch annealed samples exactly as proportional (α = 1) and "
@@ -323,23 +373,10 @@ def write_table(results: list[dict]) -> None:
         "hidden dropout 0, mean pooling, summed losses). `python bench/results.py --data_dir ../shared/data` runs "
         "the whole table, resuming where it stopped.",
         "",
-        f"| family | method | lr | {' | '.join(LABELS[m] for m in METRICS)} | train s | command |",
-        "|---|---|---|---|---|---|---|---|---|",
+        HEADER,
+        RULE,
+        *table_rows(by_row, "standard"),
     ]
-    for row in [*ROWS, Row("ensemble", ENSEMBLE)]:
-        runs = by_row.get(row.name)
-        if not runs:
-            command = row.command("../shared/data", SEEDS[0])
-            lines.append(f"| {row.family} | {row.name} | {row.lr:g} | pending | | | | | `{' '.join(command)}` |"
-                         if row.name != ENSEMBLE else f"| {row.family} | {row.name} | | pending | | | | | |")
-            continue
-        cells = [cell([r[m] for r in runs], None if row.name == ROWS[0].name or base is None else
-                      [b[m] for b in base]) for m in METRICS]
-        seconds = statistics.mean(r["train_seconds"] for r in runs)
-        name = row.name if row.name == ENSEMBLE or len(runs) == len(SEEDS) else \
-            f"{row.name} ({len(runs)} of {len(SEEDS)} seeds so far)"
-        lines.append(f"| {row.family} | {name} | {row.lr:g} | " + " | ".join(cells)
-                     + f" | {seconds:.0f} | `{runs[0]['command']}` |")
     mlm = next(r for r in ROWS if r.before)
     lines += ["", "Learning rates: " + "; ".join(sorted({f"{r.lr:g}: {r.lr_source}" for r in ROWS})) + ".", "",
               f"The {mlm.name} row fine-tunes the model written first by `python train.py --data_dir ../shared/data "
@@ -347,7 +384,13 @@ def write_table(results: list[dict]) -> None:
               "together with `evaluate.py` (averaged scores). The sequential rows stop inside the order at this "
               "budget (450 steps of the 1,164 one pass takes), so their last task gets few or no steps: that is "
               "what sequential training costs at a fixed budget.", ""]
-    (ROOT / "RESULTS.md").write_text("\n".join(lines + what_helps(by_row) + defaults_section()))
+    long = ["## A longer budget: one pass over the largest training set", "",
+            f"{BUDGETS['one pass']:,} training examples: 708 steps of 32 + 32 + 32, one pass over Quora's 22,646 "
+            "training rows (SST and STS loop), run as 3 epochs of 236 steps and scored from `best/` (the epoch with "
+            "the highest dev overall, as the CS224N projects report); `*` is against this budget's summed row.", "",
+            HEADER, RULE, *table_rows(by_row, "one pass"), ""]
+    (ROOT / "RESULTS.md").write_text("\n".join(lines + what_helps(by_row) + long + what_helps(
+        by_row, "one pass", "### What helps at one pass") + defaults_section()))
 
 
 def defaults_section() -> list[str]:

@@ -105,3 +105,24 @@ def test_what_helps_sorts_rows_by_the_same_test_as_the_stars(tmp_path, monkeypat
     assert section["Better on a task, not overall"] == "random (SST acc 0.910 against 0.710)."
     assert "cls" not in text.split("## What helps")[1]  # 2 of 3 seeds: not read out yet
     assert "| PCGrad | 0.0001 | 0.810 ± 0.010 * |" in text  # the same test marks the table
+
+
+def test_the_longer_budget_is_tested_against_its_own_summed_row_and_scored_from_best(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    monkeypatch.setattr(results, "OUT", tmp_path)
+
+    def runs(name, overall):
+        return [dict(stored(name, s), overall=o) for s, o in zip(results.SEEDS, overall)]
+    table = runs("summed", [0.70, 0.71, 0.72]) + runs("summed, one pass", [0.80, 0.81, 0.82]) + runs(
+        "PCGrad, one pass", [0.80, 0.80, 0.82])  # above the table's summed, not above its own budget's
+    results.write_table(table)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert results.rows_of("one pass")[0].name == "summed, one pass"
+    assert "| PCGrad, one pass | 0.0001 | " + "0.500 ± 0.000 | " * 3 + "0.807 ± 0.012 |" in text  # no *
+    section = dict(line[2:].split(": ", 1) for line in text.split("### What helps at one pass")[1].splitlines()
+                   if line.startswith("- "))
+    assert section["No different overall"] == "PCGrad, one pass (0.807)."
+    (tmp_path / "train_config.json").write_text(json.dumps({"loop": {"epochs": 3}}))
+    records = [{"epoch": e, "overall": o, "train_seconds": 1.0} for e, o in ((1, 0.70), (2, 0.75), (3, 0.74))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert results.finished(tmp_path, best=True)["epoch"] == 2 and results.finished(tmp_path)["epoch"] == 3
