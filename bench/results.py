@@ -31,9 +31,20 @@ BATCH = 32
 EXAMPLES = 14_400  # the budget in training examples: 150 steps of 32 + 32 + 32, or 450 one-task steps of 32
 # the budgets, in training examples: the table's, and one pass over the largest training set (Quora's 22,646 rows:
 # 708 steps of 32 + 32 + 32, run as 3 epochs of 236 steps and scored from best/)
-BUDGETS = {"standard": EXAMPLES, "one pass": 708 * BATCH * 3}
+BUDGETS = {"standard": EXAMPLES, "one pass": 708 * BATCH * 3, "one pass of each task": (267 + 708 + 189) * BATCH}
+BUDGET_TEXT = {  # the heading and description of each longer budget's table
+    "one pass": ("A longer budget: one pass over the largest training set",
+                 f"{708 * BATCH * 3:,} training examples: 708 steps of 32 + 32 + 32, one pass over Quora's 22,646 "
+                 "training rows (SST and STS loop), run as 3 epochs of 236 steps"),
+    "one pass of each task": ("Sequential against summed with full passes",
+                              f"{(267 + 708 + 189) * BATCH:,} training examples: sequential training makes one full "
+                              "pass over each task in turn (267 + 708 + 189 steps of 32, as projects 003 and 004 "
+                              "ran it), summed training sees as many examples (388 steps of 32 + 32 + 32); both run "
+                              "as one epoch"),
+}
 METRICS = ("sst_acc", "para_acc", "sts_pearson", "overall")
 LABELS = {"sst_acc": "SST acc", "para_acc": "Quora acc", "sts_pearson": "STS r", "overall": "overall"}
+TASK_METRIC = {"sst": "sst_acc", "para": "para_acc", "sts": "sts_pearson"}  # the task metrics of METRICS
 ONE_TASK_PER_STEP = ("random", "round_robin", "proportional", "annealed", "sequential", "random_epoch")
 
 
@@ -53,6 +64,7 @@ class Row:
     before: tuple[str, ...] = ()
     epochs: int = 1
     budget: str = "standard"  # a key of BUDGETS
+    single_task: bool = False  # three runs, one per task (--tasks sst / para / sts), each with its share of examples
 
     @property
     def key(self) -> str:
@@ -63,19 +75,28 @@ class Row:
         one_task = any(f"--scheduler {s}" in " ".join(self.flags) for s in ONE_TASK_PER_STEP)
         return BUDGETS[self.budget] // BATCH // (1 if one_task else 3) // self.epochs
 
-    def folder(self, seed: int) -> Path:
-        """Where one seed of the row runs, relative to the repository root."""
-        return RUNS / self.key / f"seed{seed}"
-
     def log(self, seed: int) -> Path:
         """train.py's output for one seed, beside its folder (absolute)."""
         return ROOT / self.folder(seed).with_suffix(".log")
 
-    def command(self, data_dir: str, seed: int) -> list[str]:
+    def command(self, data_dir: str, seed: int, task: str | None = None) -> list[str]:
+        """The train.py command of one seed (of one task's run, for a single-task row)."""
         model = [] if "--model" in self.flags else ["--model", "minilm"]
-        return ["python", "train.py", *model, *self.flags, "--data_dir", data_dir, "--epochs", str(self.epochs),
-                "--steps_per_epoch", str(self.steps()), "--batch_size", str(BATCH), "--lr", f"{self.lr:g}",
-                "--seed", str(seed), "--output_dir", str(self.folder(seed))]
+        tasks = ["--tasks", task] if task else []
+        return ["python", "train.py", *model, *self.flags, *tasks, "--data_dir", data_dir, "--epochs",
+                str(self.epochs), "--steps_per_epoch", str(self.steps()), "--batch_size", str(BATCH), "--lr",
+                f"{self.lr:g}", "--seed", str(seed), "--output_dir", str(self.folder(seed, task))]
+
+    def folder(self, seed: int, task: str | None = None) -> Path:
+        """Where one seed of the row runs (one task's run, for a single-task row), relative to the repository root."""
+        return RUNS / self.key / f"seed{seed}" / (task or "")
+
+    def parts(self) -> list[str | None]:
+        """The runs of one seed: each task alone for a single-task row, else the one multi-task run."""
+        return list(TASK_METRIC) if self.single_task else [None]
+
+    def command_text(self, data_dir: str, seed: int) -> str:
+        return " && ".join(" ".join(self.command(data_dir, seed, task)) for task in self.parts())
 
 
 MLM_DIR = str(RUNS / "mlm" / "model")
@@ -136,6 +157,7 @@ ROWS = [
                 "--batch_size", "32", "--output_dir", MLM_DIR)),
     Row("baseline", "BiLSTM", ("--model", "bilstm"), lr=1e-3, lr_source="Adam's usual rate for a BiLSTM from scratch"),
     # the CS224N reports' own settings (../shared/seed_claims.md: the claim each row tests)
+    Row("CS224N settings", "single-task models (C14)", single_task=True),
     Row("CS224N settings", "frozen encoder (C16)", ("--option", "pretrain")),
     Row("CS224N settings", "last 2 layers (C17)", ("--finetune_last", "2")),
     Row("CS224N settings", "cosine LR (C18)", ("--lr_schedule", "cosine")),
@@ -183,6 +205,10 @@ ROWS += [  # the longer budget: its own table, against its own summed row
     Row("CS224N settings", "SMART as project 003, one pass", ("--smart", "--smart_steps", "0", "--smart_lambda", "5"),
         **LONG),
     Row("adapters", "PALs pal, one pass", ("--pals", "pal"), **LONG),
+    Row("baseline", "summed, one pass of each task", budget="one pass of each task"),
+    *[Row("scheduling", f"sequential {order}, one pass of each task", ("--scheduler", "sequential", "--task_order",
+                                                                       order), budget="one pass of each task")
+      for order in ("sst,para,sts", "sts,para,sst")],
 ]
 ENSEMBLE = "ensemble of the 3 summed seeds"
 
@@ -207,18 +233,26 @@ def run(command: list[str], log: Path) -> None:
 
 
 def run_row(row: Row, seed: int, data_dir: str) -> dict:
-    """Train (or resume, or read back) one seed of a row; returns its figures."""
-    folder = ROOT / row.folder(seed)
-    command = row.command(data_dir, seed)
-    best = row.budget != "standard"  # the longer budget is scored from best/
-    record = finished(folder, best)
-    if record is None:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        resume = ["--resume"] if (folder / "checkpoint.json").is_file() else ["--overwrite"]
-        run([sys.executable, *command[1:], *resume], row.log(seed))
+    """Train (or resume, or read back) one seed of a row, each of its runs; returns its figures (a single-task row:
+    each task's metric from its own run, overall by CS224N's formula over them)."""
+    best = row.budget != "standard"  # the longer budgets are scored from best/
+    records = {}
+    for task in row.parts():
+        folder = ROOT / row.folder(seed, task)
         record = finished(folder, best)
-    return {"row": row.name, "seed": seed, "command": " ".join(command), "train_seconds": record["train_seconds"],
-            **{m: record[m] for m in METRICS}}
+        if record is None:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            resume = ["--resume"] if (folder / "checkpoint.json").is_file() else ["--overwrite"]
+            run([sys.executable, *row.command(data_dir, seed, task)[1:], *resume], row.log(seed))
+            record = finished(folder, best)
+        records[task] = record
+    if row.single_task:
+        figures = {m: records[t][m] for t, m in TASK_METRIC.items()}
+        figures["overall"] = (figures["sst_acc"] + figures["para_acc"] + (figures["sts_pearson"] + 1) / 2) / 3
+    else:
+        figures = {m: records[None][m] for m in METRICS}
+    return {"row": row.name, "seed": seed, "command": row.command_text(data_dir, seed),
+            "train_seconds": round(sum(r["train_seconds"] for r in records.values()), 1), **figures}
 
 
 def run_ensemble(data_dir: str) -> dict:
@@ -249,7 +283,7 @@ def check_commands(results: list[dict]) -> None:
                      "its new name)")
         row, stored = rows[r["row"]], r["command"].split()
         data_dir = stored[stored.index("--data_dir") + 1]
-        expected = " ".join(row.command(data_dir, r["seed"]))
+        expected = row.command_text(data_dir, r["seed"])
         if r["command"] != expected:
             sys.exit(f"{where}: {r['row']} seed {r['seed']} ran `{r['command']}` but the row now runs `{expected}`; "
                      f"remove the line and {row.folder(r['seed'])}/ to run it again")
@@ -336,8 +370,8 @@ def table_rows(by_row: dict[str, list[dict]], budget: str) -> list[str]:
     for row in [*rows_of(budget), *extra]:
         runs = by_row.get(row.name)
         if not runs:
-            command = row.command("../shared/data", SEEDS[0])
-            lines.append(f"| {row.family} | {row.name} | {row.lr:g} | pending | | | | | `{' '.join(command)}` |"
+            command = row.command_text("../shared/data", SEEDS[0])
+            lines.append(f"| {row.family} | {row.name} | {row.lr:g} | pending | | | | | `{command}` |"
                          if row.name != ENSEMBLE else f"| {row.family} | {row.name} | | pending | | | | | |")
             continue
         cells = [cell([r[m] for r in runs], None if row.name == baseline.name or base is None else
@@ -384,13 +418,12 @@ def write_table(results: list[dict]) -> None:
               "together with `evaluate.py` (averaged scores). The sequential rows stop inside the order at this "
               "budget (450 steps of the 1,164 one pass takes), so their last task gets few or no steps: that is "
               "what sequential training costs at a fixed budget.", ""]
-    long = ["## A longer budget: one pass over the largest training set", "",
-            f"{BUDGETS['one pass']:,} training examples: 708 steps of 32 + 32 + 32, one pass over Quora's 22,646 "
-            "training rows (SST and STS loop), run as 3 epochs of 236 steps and scored from `best/` (the epoch with "
-            "the highest dev overall, as the CS224N projects report); `*` is against this budget's summed row.", "",
-            HEADER, RULE, *table_rows(by_row, "one pass"), ""]
-    (ROOT / "RESULTS.md").write_text("\n".join(lines + what_helps(by_row) + long + what_helps(
-        by_row, "one pass", "### What helps at one pass") + defaults_section()))
+    lines += what_helps(by_row)
+    for budget, (heading, text) in BUDGET_TEXT.items():
+        lines += [f"## {heading}", "", f"{text}; scored from `best/` (the evaluation with the highest dev overall, as "
+                  "the CS224N projects report). `*` is against this table's summed row.", "", HEADER, RULE,
+                  *table_rows(by_row, budget), "", *what_helps(by_row, budget, f"### What helps: {heading.lower()}")]
+    (ROOT / "RESULTS.md").write_text("\n".join(lines + defaults_section()))
 
 
 def defaults_section() -> list[str]:
@@ -441,7 +474,8 @@ def main() -> None:
                     continue
                 write_table(results)
                 if row != ROWS[0]:  # the baseline's checkpoints stay for the ensemble; the others only cost disk
-                    shutil.rmtree(ROOT / row.folder(seed) / "checkpoints", ignore_errors=True)
+                    for task in row.parts():
+                        shutil.rmtree(ROOT / row.folder(seed, task) / "checkpoints", ignore_errors=True)
         finished_runs = {(r["row"], r["seed"]) for r in results}
         if ENSEMBLE not in {r["row"] for r in results} and all((ROWS[0].name, s) in finished_runs for s in SEEDS):
             keep(results, run_ensemble(args.data_dir))

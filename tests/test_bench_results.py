@@ -119,10 +119,36 @@ def test_the_longer_budget_is_tested_against_its_own_summed_row_and_scored_from_
     text = (tmp_path / "RESULTS.md").read_text()
     assert results.rows_of("one pass")[0].name == "summed, one pass"
     assert "| PCGrad, one pass | 0.0001 | " + "0.500 ± 0.000 | " * 3 + "0.807 ± 0.012 |" in text  # no *
-    section = dict(line[2:].split(": ", 1) for line in text.split("### What helps at one pass")[1].splitlines()
+    section = dict(line[2:].split(": ", 1) for line in text.split("### What helps: a longer budget: one pass over the largest training set")[1].split("## ")[0].splitlines()
                    if line.startswith("- "))
     assert section["No different overall"] == "PCGrad, one pass (0.807)."
     (tmp_path / "train_config.json").write_text(json.dumps({"loop": {"epochs": 3}}))
     records = [{"epoch": e, "overall": o, "train_seconds": 1.0} for e, o in ((1, 0.70), (2, 0.75), (3, 0.74))]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert results.finished(tmp_path, best=True)["epoch"] == 2 and results.finished(tmp_path)["epoch"] == 3
+
+
+def test_a_single_task_row_trains_each_task_alone_and_combines_their_metrics(tmp_path, monkeypatch):
+    """C14's baseline: three train.py runs per seed (--tasks sst / para / sts, each 150 steps of 32: the examples
+    summed training gives each task); each task's metric comes from its own run, overall by CS224N's formula."""
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    row = next(r for r in results.ROWS if r.single_task)
+    ran = []
+
+    def fake_run(command, log):  # what train.py leaves: its options and one evaluation
+        out = tmp_path / command[command.index("--output_dir") + 1]
+        task = command[command.index("--tasks") + 1]
+        out.mkdir(parents=True)
+        (out / "train_config.json").write_text(json.dumps({"loop": {"epochs": 1}}))
+        value = {"sst": 0.4, "para": 0.8, "sts": 0.6}[task]
+        (out / "metrics.jsonl").write_text(json.dumps({"epoch": 1, results.TASK_METRIC[task]: value,
+                                                       "overall": value, "train_seconds": 10.0}) + "\n")
+        ran.append((task, command[command.index("--steps_per_epoch") + 1]))
+    monkeypatch.setattr(results, "run", fake_run)
+    figures = results.run_row(row, 11711, "../shared/data")
+    assert ran == [("sst", "150"), ("para", "150"), ("sts", "150")]
+    assert figures["sst_acc"] == 0.4 and figures["para_acc"] == 0.8 and figures["sts_pearson"] == 0.6
+    assert figures["overall"] == pytest.approx((0.4 + 0.8 + 0.8) / 3) and figures["train_seconds"] == 30.0
+    assert figures["command"].count(" && ") == 2 and "--tasks sts" in figures["command"]
+    results.check_commands([figures])  # what runs.jsonl stores is what the row runs
+    assert results.run_row(row, 11711, "../shared/data") == figures and len(ran) == 3  # read back, not rerun
