@@ -213,3 +213,28 @@ def test_a_misspelt_column_or_a_label_outside_the_map_stops_before_training(tiny
     assert code.value.code == 1
     assert ("nli-dev.tsv line 4: label 'entails' in column 'label' is not in the task's label_map (entailment, "
             "neutral, contradiction)") in capsys.readouterr().err
+
+
+def test_yaml_task_files_read_as_json_ones(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    path = write(tmp_path, yaml.safe_dump({"nli": NLI}), "tasks.yaml")
+    assert read_task_file(path) == read_task_file(write(tmp_path, {"nli": NLI}))
+    twice = "nli:\n  kind: classification\nnli:\n  kind: regression\n"
+    with pytest.raises(ConfigError, match=r"tasks.yaml: task 'nli' is defined twice"):
+        read_task_file(write(tmp_path, twice, "tasks.yaml"))
+    with pytest.raises(ConfigError, match=r"tasks.yaml line 3: not valid YAML \(expected .,. or .\]., but got"):
+        read_task_file(write(tmp_path, "nli:\n  kind: [classification\n", "tasks.yaml"))
+
+
+def test_a_checkpoint_written_before_task_files_loads_and_scores_unchanged(tiny_model_dir, tmp_path):
+    """Checkpoints of earlier versions hold no task_defs in config.json: they load as the CS224N tasks."""
+    from minbert.heads import HeadConfig
+    model = MultitaskBert.from_pretrained(str(tiny_model_dir), HeadConfig()).eval()
+    model.save(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["heads"].pop("task_defs") == {}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    loaded = MultitaskBert.from_checkpoint(tmp_path / "ckpt")
+    pairs = [("a man plays guitar", "the man is playing"), ("what is it", "why")]
+    assert loaded.predict("sts", pairs) == model.predict("sts", pairs)
+    assert loaded.predict_sentiment(["the movie was good"]) == model.predict("sst", ["the movie was good"])
