@@ -100,6 +100,7 @@ class Row:
 
 
 MLM_DIR = str(RUNS / "mlm" / "model")
+MLM_SST_DIR = str(RUNS / "mlm_sst" / "model")
 LORA = {"lr": 5e-4, "lr_source": "LoRA paper (Hu et al. 2021), RoBERTa-base on GLUE: 4e-4 to 5e-4"}
 ROWS = [
     Row("baseline", "summed"),
@@ -158,6 +159,9 @@ ROWS = [
     Row("baseline", "BiLSTM", ("--model", "bilstm"), lr=1e-3, lr_source="Adam's usual rate for a BiLSTM from scratch"),
     # the CS224N reports' own settings (../shared/seed_claims.md: the claim each row tests)
     Row("CS224N settings", "single-task models (C14)", single_task=True),
+    Row("CS224N settings", "masked-LM on SST, then fine-tune (C8)", ("--model", MLM_SST_DIR),
+        before=("--option", "mlm", "--mlm_data", "sst", "--model", "minilm", "--epochs", "3", "--lr", "5e-5",
+                "--batch_size", "32", "--output_dir", MLM_SST_DIR)),
     Row("CS224N settings", "frozen encoder (C16)", ("--option", "pretrain")),
     Row("CS224N settings", "last 2 layers (C17)", ("--finetune_last", "2")),
     Row("CS224N settings", "cosine LR (C18)", ("--lr_schedule", "cosine")),
@@ -211,6 +215,96 @@ ROWS += [  # the longer budget: its own table, against its own summed row
       for order in ("sst,para,sts", "sts,para,sst")],
 ]
 ENSEMBLE = "ensemble of the 3 summed seeds"
+
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the CS224N reports (../shared/seed_claims.md): `row` against `against` on `metric`, and the
+    direction the reports found (+1 better, -1 worse, 0 no real difference)."""
+
+    id: str
+    projects: str
+    claim: str
+    theirs: str
+    row: str
+    against: str = "summed"
+    metric: str = "overall"
+    expected: int = 1
+
+
+CLAIMS = [
+    Claim("C1", "000, 001, 003, 004", "a cosine STS head beats concat", "STS 0.37 → 0.80 (000), 0.360 → 0.502 (001)",
+          "summed", "sts concat (C1)", "sts_pearson"),
+    Claim("C2", "001", "ReLU MLP pair heads help Quora", "Quora 0.50 → 0.688", "para, sts concat 512,64 relu (C2)",
+          "para concat", "para_acc"),
+    Claim("C3", "000", "multi-stream beats the base model", "0.678-0.697 against 0.535-0.539",
+          "multi-stream 384 (C3)"),
+    Claim("C3", "000", "a shared layer beats the base model", "0.670-0.692 against 0.535-0.539",
+          "shared layer 384 (C3)"),
+    Claim("C4", "000", "concat pooling beats [CLS]", "0.697 against 0.678", "concat", "cls"),
+    Claim("C5", "000, 003", "PCGrad helps", "0.697 → 0.713 (000), 0.638 → 0.644 (003)", "PCGrad"),
+    Claim("C5", "000, 003", "PCGrad helps, at one pass", "as above", "PCGrad, one pass", "summed, one pass"),
+    Claim("C6", "000, 002", "LoRA stays below full fine-tuning", "0.620-0.624 against 0.697 (000)",
+          "rsLoRA r256 as project 000 (C6)", expected=-1),
+    Claim("C6", "002", "LoRA in fm mode ≈ full fine-tuning", "0.778 against 0.782", "LoRA r8 fm", expected=0),
+    Claim("C7", "001", "GradNorm (α 1, pooler) helps SST", "SST 0.495 → 0.523", "GradNorm as project 001 (C7)",
+          "pooler", "sst_acc"),
+    Claim("C8", "001", "masked-LM on SST sentences helps SST", "SST +0.027", "masked-LM on SST, then fine-tune (C8)",
+          metric="sst_acc"),
+    Claim("C11", "002", "annealed sampling beats random", "0.786 against 0.771 (Quora 33:1 larger; here 2.7:1)",
+          "annealed", "random"),
+    Claim("C12", "002", "PALs with shared V_E/V_D beat separate ones", "0.787 against 0.782",
+          "PALs pal shared V_E/V_D", "PALs pal"),
+    Claim("C12", "002", "PALs with shared attention are worse", "below 0.787",
+          "PALs shared V_E/V_D and attention (C12)", "PALs pal shared V_E/V_D", expected=-1),
+    Claim("C13", "002, 003", "SMART barely helps (002's settings)", "0.780 ± 0.002 over 002's grid",
+          "SMART as project 002 (C13)", expected=0),
+    Claim("C13", "003", "SMART barely helps (003's settings)", "+0.003", "SMART as project 003 (C13)", expected=0),
+    Claim("C14", "002, 004", "multi-task beats single-task models", "SST 0.540 against 0.512 (002); STS 39 → 46.7 (004)",
+          "summed", "single-task models (C14)"),
+    Claim("C15", "003, 004", "summed beats sequential, at full passes", "0.635 against 0.513-0.631 (003)",
+          "summed, one pass of each task", "sequential sst,para,sts, one pass of each task"),
+    Claim("C16", "000, 001, 003, 004", "a frozen encoder is far worse", "0.389 against 0.535 (000)",
+          "frozen encoder (C16)", expected=-1),
+    Claim("C17", "004", "fine-tuning the last 2 layers ≈ all", "SST 51.95 against 51.68", "last 2 layers (C17)",
+          expected=0),
+    Claim("C18", "004", "cosine LR annealing does not help", "base ≈ cosine", "cosine LR (C18)", expected=0),
+    Claim("C19", "001, 003, 004", "a lower head dropout is better", "0.1 best (004)",
+          "head dropout 0.1, BERT 0.1 (C19)", "head dropout 0.3, BERT 0.1 (C19)"),
+    Claim("C21", "002", "cross-encoding the pairs helps Quora", "Quora 0.89-0.90 against 0.72-0.82 (bi-encoders)",
+          "cross-encoder", metric="para_acc"),
+    Claim("C22", "002", "its recipe (PALs + SMART, cross-encoded) is best", "0.789", "project 002"),
+    Claim("C23", "004", "a BiLSTM is far below BERT", "25 / 37.5 / 13.5 %", "BiLSTM", expected=-1),
+]
+VERDICTS = {(1, 1): "holds", (-1, -1): "holds", (0, 0): "holds", (1, 0): "not at this budget",
+            (-1, 0): "not at this budget", (0, 1): "contradicted: better", (0, -1): "contradicted: worse",
+            (1, -1): "contradicted", (-1, 1): "contradicted"}
+
+
+def claims_section(by_row: dict[str, list[dict]]) -> list[str]:
+    """Each claim of the five reports beside what minbert measured and the verdict, by the table's test: holds,
+    not at this budget (no significant difference where they found one), or contradicted; pending until both rows
+    have all their seeds."""
+    lines = ["## The CS224N reports' claims, tested", "",
+             "Each claim of the five CS224N reports (`../shared/seed_claims.md`; their figures are bert-base, many "
+             "epochs, the full Quora split, single runs) beside the same comparison here: the means of the two "
+             f"rows on the metric, and the verdict by Welch's t-test over {len(SEEDS)} seeds (p < 0.05): holds, "
+             "not at this budget (no significant difference where the report found one), or contradicted. A "
+             "claim of no difference holds when the test finds none.", "",
+             "| id | projects | claim | theirs | minbert: row against row | minbert | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for c in CLAIMS:
+        a, b = by_row.get(c.row, []), by_row.get(c.against, [])
+        if len(a) < len(SEEDS) or len(b) < len(SEEDS):
+            measured, verdict = "", "pending"
+        else:
+            values, base = [r[c.metric] for r in a], [r[c.metric] for r in b]
+            measured = f"{LABELS[c.metric]} {statistics.mean(values):.3f} against {statistics.mean(base):.3f}"
+            verdict = VERDICTS[(c.expected, direction(values, base))]
+        lines.append(f"| {c.id} | {c.projects} | {c.claim} | {c.theirs} | {c.row} against {c.against} | {measured} "
+                     f"| {verdict} |")
+    return lines + [""]
 
 
 def finished(folder: Path, best: bool = False) -> dict | None:
@@ -411,10 +505,10 @@ def write_table(results: list[dict]) -> None:
         RULE,
         *table_rows(by_row, "standard"),
     ]
-    mlm = next(r for r in ROWS if r.before)
+    pretrained = " ".join(f"The {r.name} row fine-tunes the model written first by `python train.py --data_dir "
+                          f"../shared/data {' '.join(r.before)}`." for r in ROWS if r.before)
     lines += ["", "Learning rates: " + "; ".join(sorted({f"{r.lr:g}: {r.lr_source}" for r in ROWS})) + ".", "",
-              f"The {mlm.name} row fine-tunes the model written first by `python train.py --data_dir ../shared/data "
-              f"{' '.join(mlm.before)}`. The ensemble row scores the summed baseline's three `best/` checkpoints "
+              f"{pretrained} The ensemble row scores the summed baseline's three `best/` checkpoints "
               "together with `evaluate.py` (averaged scores). The sequential rows stop inside the order at this "
               "budget (450 steps of the 1,164 one pass takes), so their last task gets few or no steps: that is "
               "what sequential training costs at a fixed budget.", ""]
@@ -423,7 +517,7 @@ def write_table(results: list[dict]) -> None:
         lines += [f"## {heading}", "", f"{text}; scored from `best/` (the evaluation with the highest dev overall, as "
                   "the CS224N projects report). `*` is against this table's summed row.", "", HEADER, RULE,
                   *table_rows(by_row, budget), "", *what_helps(by_row, budget, f"### What helps: {heading.lower()}")]
-    (ROOT / "RESULTS.md").write_text("\n".join(lines + defaults_section()))
+    (ROOT / "RESULTS.md").write_text("\n".join(lines + claims_section(by_row) + defaults_section()))
 
 
 def defaults_section() -> list[str]:
@@ -464,9 +558,10 @@ def main() -> None:
             for seed in SEEDS:
                 if (row.name, seed) in done:
                     continue
-                if row.before and not (ROOT / MLM_DIR / "model.safetensors").is_file():
+                pretrained = row.before and Path(row.before[row.before.index("--output_dir") + 1])
+                if pretrained and not (ROOT / pretrained / "model.safetensors").is_file():
                     run([sys.executable, "train.py", "--data_dir", args.data_dir, *row.before, "--overwrite"],
-                        ROOT / RUNS / "mlm.log")
+                        ROOT / RUNS / f"{pretrained.parent.name}.log")
                 try:
                     keep(results, run_row(row, seed, args.data_dir))
                 except subprocess.CalledProcessError:  # retried on the next start; the table goes on

@@ -103,7 +103,7 @@ def test_what_helps_sorts_rows_by_the_same_test_as_the_stars(tmp_path, monkeypat
     assert section["No different overall"] == "GradNorm (0.710), random (0.710)."
     assert section["Worse overall"] == "SMART (0.610)."
     assert section["Better on a task, not overall"] == "random (SST acc 0.910 against 0.710)."
-    assert "cls" not in text.split("## What helps")[1]  # 2 of 3 seeds: not read out yet
+    assert "cls" not in text.split("## What helps")[1].split("\n## ")[0]  # 2 of 3 seeds: not read out yet
     assert "| PCGrad | 0.0001 | 0.810 ± 0.010 * |" in text  # the same test marks the table
 
 
@@ -152,3 +152,26 @@ def test_a_single_task_row_trains_each_task_alone_and_combines_their_metrics(tmp
     assert figures["command"].count(" && ") == 2 and "--tasks sts" in figures["command"]
     results.check_commands([figures])  # what runs.jsonl stores is what the row runs
     assert results.run_row(row, 11711, "../shared/data") == figures and len(ran) == 3  # read back, not rerun
+
+
+def test_claims_name_rows_of_the_table_and_get_their_verdict_from_its_test(tmp_path, monkeypatch):
+    names = {r.name for r in results.ROWS}
+    assert all(c.row in names and c.against in names and c.metric in results.METRICS for c in results.CLAIMS)
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    monkeypatch.setattr(results, "OUT", tmp_path)
+
+    def runs(name, overall):
+        return [dict(stored(name, s), overall=o) for s, o in zip(results.SEEDS, overall)]
+    table = (runs("summed", [0.70, 0.71, 0.72]) + runs("PCGrad", [0.80, 0.81, 0.82])  # C5: better, as claimed
+             + runs("frozen encoder (C16)", [0.70, 0.72, 0.71])  # C16 claims far worse: no difference here
+             + runs("cosine LR (C18)", [0.60, 0.61, 0.62])  # C18 claims no difference: worse here
+             + runs("LoRA r8 fm", [0.71, 0.70, 0.72]))  # C6: no difference, as claimed
+    results.write_table(table)
+    verdicts = {(line.split(" | ")[0][2:], line.split(" | ")[4]): line.rsplit(" | ", 1)[1].rstrip(" |")
+                for line in (tmp_path / "RESULTS.md").read_text().split("claims, tested")[1].splitlines()
+                if line.startswith("| C")}
+    assert verdicts[("C5", "PCGrad against summed")] == "holds"
+    assert verdicts[("C16", "frozen encoder (C16) against summed")] == "not at this budget"
+    assert verdicts[("C18", "cosine LR (C18) against summed")] == "contradicted: worse"
+    assert verdicts[("C6", "LoRA r8 fm against summed")] == "holds"
+    assert verdicts[("C1", "summed against sts concat (C1)")] == "pending"
