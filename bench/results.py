@@ -31,11 +31,15 @@ BATCH = 32
 EXAMPLES = 14_400  # the budget in training examples: 150 steps of 32 + 32 + 32, or 450 one-task steps of 32
 # the budgets, in training examples: the table's, and one pass over the largest training set (Quora's 22,646 rows:
 # 708 steps of 32 + 32 + 32, run as 3 epochs of 236 steps and scored from best/)
-BUDGETS = {"standard": EXAMPLES, "one pass": 708 * BATCH * 3, "one pass of each task": (267 + 708 + 189) * BATCH}
+BUDGETS = {"standard": EXAMPLES, "one pass": 708 * BATCH * 3, "one pass of each task": (267 + 708 + 189) * BATCH,
+           "STS alone": 189 * BATCH * 5}
 BUDGET_TEXT = {  # the heading and description of each longer budget's table
     "one pass": ("A longer budget: one pass over the largest training set",
                  f"{708 * BATCH * 3:,} training examples: 708 steps of 32 + 32 + 32, one pass over Quora's 22,646 "
                  "training rows (SST and STS loop), run as 3 epochs of 236 steps"),
+    "STS alone": ("Cross- against bi-encoding on STS alone",
+                  f"{189 * BATCH * 5:,} training examples: STS alone (`--tasks sts`), 5 epochs of 189 steps of 32 (a "
+                  "full pass each), as project 002 compared the encodings; overall is (r + 1) / 2"),
     "one pass of each task": ("Sequential against summed with full passes",
                               f"{(267 + 708 + 189) * BATCH:,} training examples: sequential training makes one full "
                               "pass over each task in turn (267 + 708 + 189 steps of 32, as projects 003 and 004 "
@@ -65,6 +69,7 @@ class Row:
     epochs: int = 1
     budget: str = "standard"  # a key of BUDGETS
     single_task: bool = False  # three runs, one per task (--tasks sst / para / sts), each with its share of examples
+    tasks: str | None = None  # --tasks, for a row that trains a subset of the tasks (its other metrics show —)
 
     @property
     def key(self) -> str:
@@ -73,7 +78,8 @@ class Row:
 
     def steps(self) -> int:
         one_task = any(f"--scheduler {s}" in " ".join(self.flags) for s in ONE_TASK_PER_STEP)
-        return BUDGETS[self.budget] // BATCH // (1 if one_task else 3) // self.epochs
+        per_step = 1 if one_task else len(self.tasks.split(",")) if self.tasks else 3
+        return BUDGETS[self.budget] // BATCH // per_step // self.epochs
 
     def log(self, seed: int) -> Path:
         """train.py's output for one seed, beside its folder (absolute)."""
@@ -82,7 +88,7 @@ class Row:
     def command(self, data_dir: str, seed: int, task: str | None = None) -> list[str]:
         """The train.py command of one seed (of one task's run, for a single-task row)."""
         model = [] if "--model" in self.flags else ["--model", "minilm"]
-        tasks = ["--tasks", task] if task else []
+        tasks = ["--tasks", task or self.tasks] if task or self.tasks else []
         return ["python", "train.py", *model, *self.flags, *tasks, "--data_dir", data_dir, "--epochs",
                 str(self.epochs), "--steps_per_epoch", str(self.steps()), "--batch_size", str(BATCH), "--lr",
                 f"{self.lr:g}", "--seed", str(seed), "--output_dir", str(self.folder(seed, task))]
@@ -213,6 +219,8 @@ ROWS += [  # the longer budget: its own table, against its own summed row
     *[Row("scheduling", f"sequential {order}, one pass of each task", ("--scheduler", "sequential", "--task_order",
                                                                        order), budget="one pass of each task")
       for order in ("sst,para,sts", "sts,para,sst")],
+    Row("baseline", "STS alone, bi-encoder", tasks="sts", budget="STS alone", epochs=5),
+    Row("heads", "STS alone, cross-encoder", ("--pair_encoding", "cross"), tasks="sts", budget="STS alone", epochs=5),
 ]
 ENSEMBLE = "ensemble of the 3 summed seeds"
 
@@ -274,6 +282,8 @@ CLAIMS = [
           "head dropout 0.1, BERT 0.1 (C19)", "head dropout 0.3, BERT 0.1 (C19)"),
     Claim("C21", "002", "cross-encoding the pairs helps Quora", "Quora 0.89-0.90 against 0.72-0.82 (bi-encoders)",
           "cross-encoder", metric="para_acc"),
+    Claim("C21", "002", "cross-encoding helps STS (alone, 5 epochs)", "STS 0.87-0.88 against 0.45-0.84 (bi-encoders)",
+          "STS alone, cross-encoder", "STS alone, bi-encoder", "sts_pearson"),
     Claim("C22", "002", "its recipe (PALs + SMART, cross-encoded) is best", "0.789", "project 002"),
     Claim("C23", "004", "a BiLSTM is far below BERT", "25 / 37.5 / 13.5 %", "BiLSTM", expected=-1),
 ]
@@ -344,7 +354,7 @@ def run_row(row: Row, seed: int, data_dir: str) -> dict:
         figures = {m: records[t][m] for t, m in TASK_METRIC.items()}
         figures["overall"] = (figures["sst_acc"] + figures["para_acc"] + (figures["sts_pearson"] + 1) / 2) / 3
     else:
-        figures = {m: records[None][m] for m in METRICS}
+        figures = {m: records[None][m] for m in METRICS if m in records[None]}
     return {"row": row.name, "seed": seed, "command": row.command_text(data_dir, seed),
             "train_seconds": round(sum(r["train_seconds"] for r in records.values()), 1), **figures}
 
@@ -413,6 +423,11 @@ def cell(values: list[float], base: list[float] | None) -> str:
     return text + (" *" if direction(values, base) else "")
 
 
+def row_named(name: str) -> Row:
+    """The row called `name`."""
+    return next(r for r in ROWS if r.name == name)
+
+
 def rows_of(budget: str) -> list[Row]:
     """The rows of one budget, its summed baseline first."""
     return [r for r in ROWS if r.budget == budget]
@@ -427,16 +442,17 @@ def what_helps(by_row: dict[str, list[dict]], budget: str = "standard", heading:
     rows = [r.name for r in others if len(by_row.get(r.name, ())) == len(SEEDS)]
     if base is None or len(base) < len(SEEDS) or not rows:
         return []
-    mean = {name: {m: statistics.mean(r[m] for r in by_row[name]) for m in METRICS} for name in [baseline.name, *rows]}
+    metrics = [m for m in METRICS if m in base[0]]  # a table of a subset of the tasks has only theirs
+    mean = {name: {m: statistics.mean(r[m] for r in by_row[name]) for m in metrics} for name in [baseline.name, *rows]}
     summed = mean[baseline.name]
-    sign = {name: {m: direction([r[m] for r in by_row[name]], [b[m] for b in base]) for m in METRICS} for name in rows}
+    sign = {name: {m: direction([r[m] for r in by_row[name]], [b[m] for b in base]) for m in metrics} for name in rows}
     overall = {d: sorted((n for n in rows if sign[n]["overall"] == d), key=lambda n: -mean[n]["overall"])
                for d in (1, 0, -1)}
 
     def listed(names: list[str]) -> str:
         return ", ".join(f"{n} ({mean[n]['overall']:.3f})" for n in names) or "none"
 
-    tasks = METRICS[:-1]
+    tasks = metrics[:-1]
     gains = {n: [f"{LABELS[m]} {mean[n][m]:.3f} against {summed[m]:.3f}" for m in tasks if sign[n][m] > 0]
              for n in rows if sign[n]["overall"] <= 0}
     one_task = "; ".join(f"{n} ({', '.join(g)})" for n, g in gains.items() if g) or "none"
@@ -469,7 +485,7 @@ def table_rows(by_row: dict[str, list[dict]], budget: str) -> list[str]:
                          if row.name != ENSEMBLE else f"| {row.family} | {row.name} | | pending | | | | | |")
             continue
         cells = [cell([r[m] for r in runs], None if row.name == baseline.name or base is None else
-                      [b[m] for b in base]) for m in METRICS]
+                      [b[m] for b in base]) if m in runs[0] else "—" for m in METRICS]
         seconds = statistics.mean(r["train_seconds"] for r in runs)
         name = row.name if row.name == ENSEMBLE or len(runs) == len(SEEDS) else \
             f"{row.name} ({len(runs)} of {len(SEEDS)} seeds so far)"
@@ -515,7 +531,7 @@ def write_table(results: list[dict]) -> None:
     lines += what_helps(by_row)
     for budget, (heading, text) in BUDGET_TEXT.items():
         lines += [f"## {heading}", "", f"{text}; scored from `best/` (the evaluation with the highest dev overall, as "
-                  "the CS224N projects report). `*` is against this table's summed row.", "", HEADER, RULE,
+                  "the CS224N projects report). `*` is against this table's first row.", "", HEADER, RULE,
                   *table_rows(by_row, budget), "", *what_helps(by_row, budget, f"### What helps: {heading.lower()}")]
     (ROOT / "RESULTS.md").write_text("\n".join(lines + claims_section(by_row) + defaults_section()))
 

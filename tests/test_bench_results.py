@@ -175,3 +175,18 @@ def test_claims_name_rows_of_the_table_and_get_their_verdict_from_its_test(tmp_p
     assert verdicts[("C18", "cosine LR (C18) against summed")] == "contradicted: worse"
     assert verdicts[("C6", "LoRA r8 fm against summed")] == "holds"
     assert verdicts[("C1", "summed against sts concat (C1)")] == "pending"
+
+
+def test_a_table_of_sts_alone_shows_only_its_metrics(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    monkeypatch.setattr(results, "OUT", tmp_path)
+    table = [{"row": name, "seed": s, "command": results.row_named(name).command_text("../shared/data", s),
+              "train_seconds": 1.0, "sts_pearson": r, "overall": (r + 1) / 2}
+             for name, values in (("STS alone, bi-encoder", [0.80, 0.81, 0.82]),
+                                  ("STS alone, cross-encoder", [0.86, 0.87, 0.88]))
+             for s, r in zip(results.SEEDS, values)]
+    results.write_table(table)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| STS alone, cross-encoder | 0.0001 | — | — | 0.870 ± 0.010 * | 0.935 ± 0.005 * |" in text
+    section = text.split("### What helps: cross- against bi-encoding on sts alone")[1].split("\n## ")[0]
+    assert "- Better overall: STS alone, cross-encoder (0.935)." in section
