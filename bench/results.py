@@ -189,8 +189,8 @@ ROWS = [
     Row("CS224N settings", "LoRA r4 α8 as project 002 (C6)", ("--lora", "4", "--lora_alpha", "8", "--lora_scaling",
                                                               "alpha", "--lora_targets",
                                                               "query,key,value,dense,word_embeddings,heads"), **LORA),
-    Row("CS224N settings", "head dropout 0.3, BERT 0.1 (C19)", ("--hidden_dropout_prob", "0.1", "--head_dropout", "0.3")),
-    Row("CS224N settings", "head dropout 0.1, BERT 0.1 (C19)", ("--hidden_dropout_prob", "0.1", "--head_dropout", "0.1")),
+    *[Row("CS224N settings", f"head dropout {p}, BERT 0.1 (C19)", ("--hidden_dropout_prob", "0.1", "--head_dropout",
+                                                                   p)) for p in ("0.3", "0.1")],
     # each report's headline recipe, as far as the flags express it (004's is single-task models first: not one row)
     Row("CS224N recipes", "project 000", ("--multi_stream", "384", "--pooling", "concat", "--para_head", "concat",
                                           "--pcgrad")),
@@ -269,7 +269,8 @@ CLAIMS = [
     Claim("C13", "002, 003", "SMART barely helps (002's settings)", "0.780 ± 0.002 over 002's grid",
           "SMART as project 002 (C13)", expected=0),
     Claim("C13", "003", "SMART barely helps (003's settings)", "+0.003", "SMART as project 003 (C13)", expected=0),
-    Claim("C14", "002, 004", "multi-task beats single-task models", "SST 0.540 against 0.512 (002); STS 39 → 46.7 (004)",
+    Claim("C14", "002, 004", "multi-task beats single-task models",
+          "SST 0.540 against 0.512 (002); STS 39 → 46.7 (004)",
           "summed", "single-task models (C14)"),
     Claim("C15", "003, 004", "summed beats sequential, at full passes", "0.635 against 0.513-0.631 (003)",
           "summed, one pass of each task", "sequential sst,para,sts, one pass of each task"),
@@ -503,7 +504,8 @@ def write_table(results: list[dict]) -> None:
     lines = [
         "# Results: which methods help (MiniLM, at fixed budgets)",
         "",
-        f"Every row of the first table trains the embedded all-MiniLM-L6-v2 on {EXAMPLES:,} training examples: 150 steps of 32 + 32 + 32 "
+        f"Every row of the first table trains the embedded all-MiniLM-L6-v2 on {EXAMPLES:,} training examples: "
+        "150 steps of 32 + 32 + 32 "
         "(one batch of each task per step), or 450 steps of 32 for the schedulers that train one task per step. "
         "The two schedulers that change from epoch to epoch (annealed, random_epoch) run them as 3 epochs of 150 "
         "steps and are scored after the last: in one epoch annealed samples exactly as proportional (α = 1) and "

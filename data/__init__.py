@@ -1,4 +1,4 @@
-"""Task data: the task registry and task files, tab-separated readers, pre-tokenization, batching and training streams."""
+"""Task data: the task registry and task files, readers, pre-tokenization, batching and training streams."""
 from .batching import EncodedTask, TaskStream, batch_indices, collate, encode_dataset, eval_batches
 from .readers import (DataError, TaskDataset, load_split, merge_labels, open_task_file, read_task, split_path,
                       subset_rows)

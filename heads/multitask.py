@@ -65,10 +65,10 @@ class MultitaskBert(Prediction, nn.Module):
             names = [name for name, m in self.named_modules()
                      if isinstance(m, nn.Linear) and name.split(".")[0] in owners[target]]
             if not names:
+                heads = ", ".join(str(h.spec) for h in self.heads.values())
                 raise ConfigError("--lora_targets streams adapts the streams of --multi_stream or --shared_layer: "
                                   "add one, or leave streams out" if target == "streams" else
-                                  "--lora_targets heads: the heads (" + ", ".join(str(h.spec) for h in self.heads.values())
-                                  + ") have no linear layer to adapt")
+                                  f"--lora_targets heads: the heads ({heads}) have no linear layer to adapt")
             apply_lora(self, lora.r, lora.alpha, names, lora.variant, lora.dropout, lora.scaling)
             for name in names:
                 mark_trainable(self.get_submodule(name), lora.mode)

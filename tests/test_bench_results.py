@@ -119,7 +119,8 @@ def test_the_longer_budget_is_tested_against_its_own_summed_row_and_scored_from_
     text = (tmp_path / "RESULTS.md").read_text()
     assert results.rows_of("one pass")[0].name == "summed, one pass"
     assert "| PCGrad, one pass | 0.0001 | " + "0.500 ± 0.000 | " * 3 + "0.807 ± 0.012 |" in text  # no *
-    section = dict(line[2:].split(": ", 1) for line in text.split("### What helps: a longer budget: one pass over the largest training set")[1].split("## ")[0].splitlines()
+    heading = "### What helps: a longer budget: one pass over the largest training set"
+    section = dict(line[2:].split(": ", 1) for line in text.split(heading)[1].split("## ")[0].splitlines()
                    if line.startswith("- "))
     assert section["No different overall"] == "PCGrad, one pass (0.807)."
     (tmp_path / "train_config.json").write_text(json.dumps({"loop": {"epochs": 3}}))

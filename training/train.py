@@ -321,8 +321,9 @@ def run_training(cfg: TrainConfig, session: Session) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     session.log(f"{trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters | "
                 f"{cfg.loop.epochs} epoch(s) x " + (f"{steps_per_epoch} steps" if not cfg.loop.random_epoch_pass else
-                                                    f"one pass over the epoch's task ({'+'.join(map(str, epoch_steps))} "
-                                                    "steps)") + f" | scheduler {cfg.loop.scheduler}")
+                                                    "one pass over the epoch's task "
+                                                    f"({'+'.join(map(str, epoch_steps))} steps)")
+                + f" | scheduler {cfg.loop.scheduler}")
     if session.resuming:
         resume(session, model, state)
 
