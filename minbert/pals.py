@@ -47,6 +47,9 @@ class PALsConfig(DictConfig):
             raise ValueError("PALsConfig: share_attention needs PAL layers (kind 'pal' or 'mixed'), got 'lowrank'")
         if (self.dim is not None and self.dim <= 0) or self.num_heads <= 0:
             raise ValueError(f"PALsConfig: dim and num_heads must be positive, got {self.dim} and {self.num_heads}")
+        if self.kind != "lowrank" and (self.dim or DEFAULT_DIM["pal"]) % self.num_heads:
+            raise ValueError(f"PALsConfig: the PAL attention splits d_s = {self.dim} into num_heads = "
+                             f"{self.num_heads} heads: choose a multiple of {self.num_heads} (e.g. {self.num_heads * 17})")
 
     def layer_plan(self, num_layers: int) -> list[tuple[str, int]]:
         """(kind, d_s) of each layer's TS: 'pal' or 'lowrank'."""
@@ -69,8 +72,6 @@ class TaskPALs(nn.Module):
         self.ve = nn.ModuleList(nn.Linear(H, d) for d in dims)  # V_E: (B, T, H) -> (B, T, d_s)
         self.vd = nn.ModuleList(nn.Linear(d, H) for d in dims)  # V_D: (B, T, d_s) -> (B, T, H)
         pal_layers = [i for i, (k, _) in enumerate(plan) if k == "pal"]
-        if pal_layers and plan[pal_layers[0]][1] % config.num_heads:
-            raise ValueError(f"PALs: d_s {plan[pal_layers[0]][1]} is not a multiple of num_heads {config.num_heads}")
         # PAL layers (i < L // 2 when mixed) come first, so unshared attn.{i} belongs to layer i
         self.attn_slot = [None if k != "pal" else 0 if config.share_attention else i for i, (k, _) in enumerate(plan)]
         attn_dims = [plan[i][1] for i in pal_layers][:1 if config.share_attention else None]

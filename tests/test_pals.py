@@ -46,8 +46,9 @@ def test_unknown_task_and_invalid_configs_raise():
     for bad in (dict(kind="adapters"), dict(kind="lowrank", share_attention=True), dict(dim=0)):
         with pytest.raises(ValueError):
             PALsConfig(**bad)
-    with pytest.raises(ValueError, match="not a multiple of num_heads"):
-        PALs(PALsConfig(dim=10, num_heads=4), config, ["A"])
+    with pytest.raises(ValueError, match=r"splits d_s = 10 into num_heads = 4 heads: choose a multiple of 4"):
+        PALsConfig(dim=10, num_heads=4)  # refused before a model is built (train.py: a usage error)
+    PALsConfig(kind="lowrank", dim=10, num_heads=4)  # low-rank layers have no attention to split
     with pytest.raises(ValueError, match="distinct"):
         PALs(PALsConfig(**SMALL), config, ["A", "A"])
 
