@@ -29,8 +29,8 @@ RUNS = OUT.relative_to(ROOT) / "runs"  # one folder per run, relative to the rep
 SEEDS = (11711, 11712, 11713)
 BATCH = 32
 EXAMPLES = 14_400  # the budget in training examples: 150 steps of 32 + 32 + 32, or 450 one-task steps of 32
-# the budgets, in training examples: the table's, and one pass over the largest training set (Quora's 22,646 rows:
-# 708 steps of 32 + 32 + 32, run as 3 epochs of 236 steps and scored from best/)
+# the budgets, in training examples: the first table's, and those of the later tables (BUDGET_TEXT says what each is;
+# their rows are scored from best/)
 BUDGETS = {"standard": EXAMPLES, "one pass": 708 * BATCH * 3, "one pass of each task": (267 + 708 + 189) * BATCH,
            "STS alone": 189 * BATCH * 5}
 BUDGET_TEXT = {  # the heading and description of each longer budget's table
@@ -206,7 +206,7 @@ ROWS = [
                                           "--hidden_dropout_prob", "0.1", "--head_dropout", "0.1")),
 ]
 LONG = dict(budget="one pass", epochs=3)
-ROWS += [  # the longer budget: its own table, against its own summed row
+ROWS += [  # the later tables, one per budget, each against its own first row
     Row("baseline", "summed, one pass", **LONG),
     Row("baseline", "summed, hidden dropout 0.1, one pass", ("--hidden_dropout_prob", "0.1"), **LONG),
     Row("CS224N settings", "head dropout 0.3, BERT 0.1, one pass", ("--hidden_dropout_prob", "0.1", "--head_dropout",
