@@ -529,7 +529,9 @@ def write_table(results: list[dict]) -> None:
               f"{pretrained} The ensemble row scores the summed baseline's three `best/` checkpoints "
               "together with `evaluate.py` (averaged scores). The sequential rows stop inside the order at this "
               "budget (450 steps of the 1,164 one pass takes), so their last task gets few or no steps: that is "
-              "what sequential training costs at a fixed budget.", ""]
+              "what sequential training costs at a fixed budget. The CS224N recipes rows are each report's headline "
+              "combination as far as the flags express it; project 004's recipe (single-task models first, then "
+              "multi-task training with full passes) is the single-task row and the sequential table below.", ""]
     lines += what_helps(by_row)
     for budget, (heading, text) in BUDGET_TEXT.items():
         lines += [f"## {heading}", "", f"{text}; scored from `best/` (the evaluation with the highest dev overall, as "
