@@ -224,83 +224,120 @@ class Task:
     def from_definition(cls, name: str, entry, source: str) -> Task:
         """A task from its task-file entry, every field checked; a ConfigError names `source`, the task and the
         field."""
-        where = f"{source}: task {name!r}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: expected an object of fields, got {json.dumps(entry)}")
+        e = TaskEntry(f"{source}: task {name!r}", entry)
         known = [f.name for f in dataclasses.fields(cls) if f.name != "name"]
-        for key in entry:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                raise ConfigError(f"{where}: unknown field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else
-                                                                       f"; the fields are {', '.join(known)}"))
-        if entry.get("kind") not in KINDS:
-            raise ConfigError(f"{where}: field 'kind' must be one of {', '.join(KINDS)}, got "
-                              f"{json.dumps(entry.get('kind'))}")
-        values = dict(entry)
-        regression, pair = entry["kind"].endswith("regression"), entry["kind"].startswith("pair_")
-
-        def check(key: str, ok: bool, wanted: str) -> None:
-            if key in entry and not ok:
-                raise ConfigError(f"{where}: field {key!r} must be {wanted}, got {json.dumps(entry[key])}")
-
-        strings = lambda v: isinstance(v, list) and all(isinstance(s, str) and s.strip() for s in v)  # noqa: E731
-        files = entry.get("files")
-        if not (isinstance(files, dict) and all(isinstance(files.get(s), str) for s in ("train", "dev"))):
-            raise ConfigError(f"{where}: field 'files' must name the train and dev files (and optionally test) "
-                              'relative to --data_dir, e.g. {"train": "nli-train.tsv", "dev": "nli-dev.tsv"}')
-        check("files", set(files) <= set(SPLITS) and all(isinstance(v, str) and v for v in files.values()),
-              f"an object with keys among {', '.join(SPLITS)} and file names as values")
-        n_texts = 2 if pair else 1
-        if "text_columns" not in entry:
-            raise ConfigError(f"{where}: field 'text_columns' is missing: name the {n_texts} column(s) that hold "
-                              "the text")
-        check("text_columns", strings(entry["text_columns"]) and len(entry["text_columns"]) == n_texts,
-              f"a list of {n_texts} column name(s) for a {entry['kind']} task")
-        for key in ("label_column", "id_column", "prediction_header", "loss", "head", "smart_divergence"):
-            check(key, isinstance(entry.get(key), str) and entry[key].strip(), "a non-empty string")
-        check("delimiter", isinstance(entry.get("delimiter"), str) and len(entry["delimiter"]) == 1,
-              "one character, e.g. \"\\t\" or \",\"")
-        check("prediction_file", isinstance(entry.get("prediction_file"), str) and "{split}" in entry[
-            "prediction_file"], 'a file name holding {split}, e.g. "{name}-{split}-output.csv"')
-        if isinstance(entry.get("label_map"), str):
-            values["label_map"] = [s.strip() for s in entry["label_map"].split(",")]
-        if regression:
-            for key in ("num_labels", "label_map"):
-                check(key, False, f"absent: a {entry['kind']} task has a range, not labels")
-            if "range" not in entry:
-                raise ConfigError(f"{where}: field 'range' is missing: give the labels' [lo, hi], e.g. [0, 5]")
-            r = entry["range"]
-            check("range", isinstance(r, list) and len(r) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in r) and r[0] < r[1],
-                "[lo, hi] with lo < hi")
-            values["range"] = tuple(float(v) for v in r)
-        else:
-            check("range", False, f"absent: a {entry['kind']} task has labels, not a range")
-            if ("num_labels" in entry) == ("label_map" in entry):
-                raise ConfigError(f"{where}: give one of 'num_labels' (integer labels 0 .. N-1 in the file) and "
-                                  "'label_map' (string labels, e.g. \"entailment,neutral,contradiction\")")
-            check("num_labels", isinstance(entry.get("num_labels"), int) and not isinstance(
-                entry["num_labels"], bool) and entry["num_labels"] >= 2, "an integer of at least 2")
-            labels = values.get("label_map")
-            check("label_map", labels is None or strings(labels) and len(labels) >= 2 and len(set(labels)) == len(
-                labels), "at least two distinct labels, as a list or comma-separated")
+        e.known_fields(known)
+        e.layout()
+        values = {**entry, **e.labels()}
         for key in ("text_columns", "label_map", "metrics"):
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
         task = cls(name, **values)
-        allowed = METRICS["regression" if regression else "classification"]
-        metrics = entry.get("metrics")
-        check("metrics", strings(metrics) and metrics and all(m in allowed for m in metrics) and (
-            regression or task.num_classes == 2 or "f1" not in metrics) and metrics[0] != "mse",
-              f"a list of metrics among {', '.join(allowed)} (f1 only with two labels; the first, which enters "
-              "overall, not mse)")
-        if "loss" in entry:
-            task.objective(entry["loss"], f"{where}: field 'loss'")
-        divergence = entry.get("smart_divergence")
-        if divergence is not None and divergence not in ("regression", task.objective().divergence):
-            raise ConfigError(f"{where}: field 'smart_divergence' {divergence!r} does not fit the loss "
-                              f"{task.objective().name}: use {task.objective().divergence} or regression")
+        e.fits(task)
         return task
+
+
+class TaskEntry:
+    """The checks of one task-file entry, each raising a ConfigError that names the file, the task and the field."""
+
+    def __init__(self, where: str, entry):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected an object of fields, got {json.dumps(entry)}")
+        self.where, self.entry = where, entry
+
+    @property
+    def kind(self) -> str:
+        return self.entry["kind"]
+
+    @property
+    def regression(self) -> bool:
+        return self.kind.endswith("regression")
+
+    @property
+    def pair(self) -> bool:
+        return self.kind.startswith("pair_")
+
+    def fail(self, message: str) -> None:
+        raise ConfigError(f"{self.where}: {message}")
+
+    def check(self, key: str, ok: bool, wanted: str) -> None:
+        """A field that is given must be `wanted`."""
+        if key in self.entry and not ok:
+            self.fail(f"field {key!r} must be {wanted}, got {json.dumps(self.entry[key])}")
+
+    @staticmethod
+    def strings(value) -> bool:
+        return isinstance(value, list) and all(isinstance(s, str) and s.strip() for s in value)
+
+    def known_fields(self, known: list[str]) -> None:
+        """Every field is one of `known`, and the kind one of KINDS."""
+        for key in self.entry:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                self.fail(f"unknown field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else
+                                                      f"; the fields are {', '.join(known)}"))
+        if self.entry.get("kind") not in KINDS:
+            self.fail(f"field 'kind' must be one of {', '.join(KINDS)}, got {json.dumps(self.entry.get('kind'))}")
+
+    def layout(self) -> None:
+        """Files, columns, delimiter and prediction file."""
+        e, files = self.entry, self.entry.get("files")
+        if not (isinstance(files, dict) and all(isinstance(files.get(s), str) for s in ("train", "dev"))):
+            self.fail("field 'files' must name the train and dev files (and optionally test) relative to "
+                      '--data_dir, e.g. {"train": "nli-train.tsv", "dev": "nli-dev.tsv"}')
+        self.check("files", set(files) <= set(SPLITS) and all(isinstance(v, str) and v for v in files.values()),
+                   f"an object with keys among {', '.join(SPLITS)} and file names as values")
+        n_texts = 2 if self.pair else 1
+        if "text_columns" not in e:
+            self.fail(f"field 'text_columns' is missing: name the {n_texts} column(s) that hold the text")
+        self.check("text_columns", self.strings(e["text_columns"]) and len(e["text_columns"]) == n_texts,
+                   f"a list of {n_texts} column name(s) for a {self.kind} task")
+        for key in ("label_column", "id_column", "prediction_header", "loss", "head", "smart_divergence"):
+            self.check(key, isinstance(e.get(key), str) and e[key].strip(), "a non-empty string")
+        self.check("delimiter", isinstance(e.get("delimiter"), str) and len(e["delimiter"]) == 1,
+                   "one character, e.g. \"\\t\" or \",\"")
+        self.check("prediction_file", isinstance(e.get("prediction_file"), str) and "{split}" in e[
+            "prediction_file"], 'a file name holding {split}, e.g. "{name}-{split}-output.csv"')
+
+    def labels(self) -> dict:
+        """A regression's range, or a classification's num_labels or label_map (a comma-separated one split)."""
+        e = self.entry
+        if self.regression:
+            for key in ("num_labels", "label_map"):
+                self.check(key, False, f"absent: a {self.kind} task has a range, not labels")
+            if "range" not in e:
+                self.fail("field 'range' is missing: give the labels' [lo, hi], e.g. [0, 5]")
+            r = e["range"]
+            self.check("range", isinstance(r, list) and len(r) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in r) and r[0] < r[1],
+                "[lo, hi] with lo < hi")
+            return {"range": tuple(float(v) for v in r)}
+        self.check("range", False, f"absent: a {self.kind} task has labels, not a range")
+        if ("num_labels" in e) == ("label_map" in e):
+            self.fail("give one of 'num_labels' (integer labels 0 .. N-1 in the file) and 'label_map' (string "
+                      "labels, e.g. \"entailment,neutral,contradiction\")")
+        self.check("num_labels", isinstance(e.get("num_labels"), int) and not isinstance(e["num_labels"], bool)
+                   and e["num_labels"] >= 2, "an integer of at least 2")
+        labels = e.get("label_map")
+        labels = [s.strip() for s in labels.split(",")] if isinstance(labels, str) else labels
+        self.check("label_map", labels is None or self.strings(labels) and len(labels) >= 2 and len(
+            set(labels)) == len(labels), "at least two distinct labels, as a list or comma-separated")
+        return {"label_map": labels} if labels is not None else {}
+
+    def fits(self, task: Task) -> None:
+        """Metrics, loss and SMART divergence fit the task they describe."""
+        allowed = METRICS["regression" if self.regression else "classification"]
+        metrics = self.entry.get("metrics")
+        self.check("metrics", self.strings(metrics) and metrics and all(m in allowed for m in metrics) and (
+            self.regression or task.num_classes == 2 or "f1" not in metrics) and metrics[0] != "mse",
+            f"a list of metrics among {', '.join(allowed)} (f1 only with two labels; the first, which enters "
+            "overall, not mse)")
+        if "loss" in self.entry:
+            task.objective(self.entry["loss"], f"{self.where}: field 'loss'")
+        divergence, own = self.entry.get("smart_divergence"), task.objective().divergence
+        if divergence is not None and divergence not in ("regression", own):
+            self.fail(f"field 'smart_divergence' {divergence!r} does not fit the loss {task.objective().name}: use "
+                      f"{own} or regression")
 
 
 def f1(predicted: np.ndarray, gold: np.ndarray) -> float:

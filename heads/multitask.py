@@ -52,6 +52,7 @@ class MultitaskBert(Prediction, nn.Module):
         if pals is not None and not set(pals.tasks or ()) <= set(config.tasks):
             raise ConfigError(f"--pals_tasks {','.join(pals.tasks)} must be among --tasks {','.join(config.tasks)}")
         self.objectives = {task: config.objective(task) for task in config.tasks}
+        self.divergences = {task: config.divergence(task) for task in config.tasks}  # SMART's, per task
         self.heads = nn.ModuleDict({task: TaskHead(config.head_spec(task), dim, self.objectives[task].outputs(
             config.task(task).num_classes), config.dropout, config.task(task)) for task in config.tasks})
         if lora is not None:

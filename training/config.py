@@ -88,10 +88,6 @@ class ModelOptions:
         at_least("finetune_last", self.finetune_last, 0)
         self.defined = read_task_file(self.task_def) if self.task_def else {}  # name -> Task
 
-    def task(self, name: str) -> Task:
-        """A task --tasks or --mlm_data names: defined by --task_def, or built in."""
-        return get_task(name, self.defined)
-
     @property
     def task_list(self) -> list[str]:
         return [t for t in self.tasks.split(",") if t]
@@ -498,7 +494,8 @@ class TrainConfig:
         return self.heads.head_config(self.tasks, dropout, self.data.cfimdb_labels(), defined)
 
     def task(self, name: str) -> Task:
-        return self.model.task(name)
+        """A task --tasks or --mlm_data names: defined by --task_def, or built in."""
+        return get_task(name, self.model.defined)
 
     @property
     def scored_tasks(self) -> list[Task]:

@@ -111,7 +111,7 @@ def task_loss(model: MultitaskBert, task: str, batch: dict, cfg: TrainConfig, st
     embeddings, mask, paired = model.embed(batch)  # (B, T, H)
     forward = lambda emb: model.from_embeddings(task, emb, mask, paired)  # noqa: E731
     out = forward(embeddings)
-    kind = model.config.divergence(task)
+    kind = model.divergences[task]
     loss = model.objectives[task].loss(out, batch["labels"]) + m.smart_lambda * smart_loss(
         forward, embeddings, out, kind, m.smart_noise, m.smart_eps, m.smart_step_size, m.smart_steps,
         grad_scale=state.scaler.scale_value, norm=m.smart_norm)
