@@ -18,7 +18,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from scipy.stats import ttest_ind
@@ -223,6 +223,29 @@ ROWS += [  # the later tables, one per budget, each against its own first row
     Row("heads", "STS alone, cross-encoder", ("--pair_encoding", "cross"), tasks="sts", budget="STS alone", epochs=5),
 ]
 ENSEMBLE = "ensemble of the 3 summed seeds"
+# the one-pass rows the first table picks, by overall mean, once each candidate has all its seeds: what is picked,
+# the candidates' families, and how many
+PICKS = (("the two best aggregators or loss weightings", ("gradient aggregation", "task weighting"), 2),
+         ("the best headline recipe", ("CS224N recipes",), 1))
+
+
+def picked_rows(by_row: dict[str, list[dict]]) -> tuple[list[Row], list[str]]:
+    """The one-pass rows of PICKS that the first table's figures pick (each candidate's flags at the longer budget),
+    and what cannot be picked yet because a candidate still lacks seeds."""
+    rows, waiting = [], []
+    for what, families, count in PICKS:
+        candidates = [r for r in ROWS if r.budget == "standard" and r.family in families]
+        if any(len(by_row.get(r.name, ())) < len(SEEDS) for r in candidates):
+            waiting.append(what)
+            continue
+        best = sorted(candidates, key=lambda r: -statistics.mean(run["overall"] for run in by_row[r.name]))[:count]
+        rows += [replace(r, name=f"{r.name}, one pass", **LONG) for r in best]
+    return rows, waiting
+
+
+def all_rows(by_row: dict[str, list[dict]]) -> list[Row]:
+    """Every row in table order: ROWS, then the picked one-pass rows that the figures so far determine."""
+    return ROWS + picked_rows(by_row)[0]
 
 
 
@@ -378,7 +401,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def check_commands(results: list[dict]) -> None:
     """Stop when a stored run's command is not the one its row runs now (the row's flags changed since it ran):
     its figures would otherwise be shown under flags they were not measured with."""
-    rows = {row.name: row for row in ROWS}
+    rows = {row.name: row for row in all_rows(group(results, "row"))}
     for line, r in enumerate(results, 1):
         if r["row"] == ENSEMBLE:
             continue
@@ -425,20 +448,20 @@ def cell(values: list[float], base: list[float] | None) -> str:
 
 
 def row_named(name: str) -> Row:
-    """The row called `name`."""
+    """The row called `name` (of ROWS)."""
     return next(r for r in ROWS if r.name == name)
 
 
-def rows_of(budget: str) -> list[Row]:
+def rows_of(budget: str, by_row: dict[str, list[dict]]) -> list[Row]:
     """The rows of one budget, its summed baseline first."""
-    return [r for r in ROWS if r.budget == budget]
+    return [r for r in all_rows(by_row) if r.budget == budget]
 
 
 def what_helps(by_row: dict[str, list[dict]], budget: str = "standard", heading: str = "## What helps") -> list[str]:
     """The table of `budget` read out, with the same test as its `*` marks: rows better, no different or worse
     than its summed baseline overall, and rows better on a task but not overall. Rows with fewer than all seeds are
     left out."""
-    baseline, *others = rows_of(budget)
+    baseline, *others = rows_of(budget, by_row)
     base = by_row.get(baseline.name)
     rows = [r.name for r in others if len(by_row.get(r.name, ())) == len(SEEDS)]
     if base is None or len(base) < len(SEEDS) or not rows:
@@ -475,10 +498,10 @@ def what_helps(by_row: dict[str, list[dict]], budget: str = "standard", heading:
 
 def table_rows(by_row: dict[str, list[dict]], budget: str) -> list[str]:
     """The markdown rows of one budget's table: mean ± std per metric, * against its summed baseline."""
-    baseline = rows_of(budget)[0]
+    baseline = rows_of(budget, by_row)[0]
     base, lines = by_row.get(baseline.name), []
     extra = [Row("ensemble", ENSEMBLE)] if budget == "standard" else []
-    for row in [*rows_of(budget), *extra]:
+    for row in [*rows_of(budget, by_row), *extra]:
         runs = by_row.get(row.name)
         if not runs:
             command = row.command_text("../shared/data", SEEDS[0])
@@ -492,6 +515,9 @@ def table_rows(by_row: dict[str, list[dict]], budget: str) -> list[str]:
             f"{row.name} ({len(runs)} of {len(SEEDS)} seeds so far)"
         lines.append(f"| {row.family} | {name} | {row.lr:g} | " + " | ".join(cells)
                      + f" | {seconds:.0f} | `{runs[0]['command']}` |")
+    if budget == "one pass":
+        lines += [f"| | {what}, one pass | | pending: picked by overall mean when the first table has all their "
+                  "seeds | | | | | |" for what in picked_rows(by_row)[1]]
     return lines
 
 
@@ -558,6 +584,14 @@ def defaults_section() -> list[str]:
     return lines + ["", *(r["note"] for r in runs if r.get("note")), ""]
 
 
+def next_to_run(results: list[dict], wanted: list[str] | None, failed: set) -> tuple[Row, int] | None:
+    """The first (row, seed) in table order without a stored run or a failure this time, of the `wanted` row keys
+    (None: every row); the rows are read again each time, so the picked ones join once the figures pick them."""
+    done = {(r["row"], r["seed"]) for r in results} | failed
+    return next(((row, seed) for row in all_rows(group(results, "row")) if wanted is None or row.key in wanted
+                 for seed in SEEDS if (row.name, seed) not in done), None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="../shared/data")
@@ -568,29 +602,27 @@ def main() -> None:
     results = read_jsonl(OUT / "runs.jsonl")
     check_commands(results)
     if not args.table:
-        done = {(r["row"], r["seed"]) for r in results}
-        keys = [r.key for r in ROWS]
-        wanted = args.rows.split(",") if args.rows else keys
-        if unknown := [k for k in wanted if k not in keys]:
+        keys = [r.key for r in all_rows(group(results, "row"))]
+        wanted = args.rows.split(",") if args.rows else None
+        if unknown := [k for k in wanted or () if k not in keys]:
             sys.exit(f"bench/results.py: unknown --rows key(s) {', '.join(unknown)}; the keys are: {', '.join(keys)}")
-        chosen = [r for r in ROWS if r.key in wanted]
-        for row in chosen:
-            for seed in SEEDS:
-                if (row.name, seed) in done:
-                    continue
-                pretrained = row.before and Path(row.before[row.before.index("--output_dir") + 1])
-                if pretrained and not (ROOT / pretrained / "model.safetensors").is_file():
-                    run([sys.executable, "train.py", "--data_dir", args.data_dir, *row.before, "--overwrite"],
-                        ROOT / RUNS / f"{pretrained.parent.name}.log")
-                try:
-                    keep(results, run_row(row, seed, args.data_dir))
-                except subprocess.CalledProcessError:  # retried on the next start; the table goes on
-                    print(f"{row.name} seed {seed} failed: see {row.log(seed)}")
-                    continue
-                write_table(results)
-                if row != ROWS[0]:  # the baseline's checkpoints stay for the ensemble; the others only cost disk
-                    for task in row.parts():
-                        shutil.rmtree(ROOT / row.folder(seed, task) / "checkpoints", ignore_errors=True)
+        failed = set()  # retried on the next start; the table goes on
+        while next_run := next_to_run(results, wanted, failed):
+            row, seed = next_run
+            pretrained = row.before and Path(row.before[row.before.index("--output_dir") + 1])
+            if pretrained and not (ROOT / pretrained / "model.safetensors").is_file():
+                run([sys.executable, "train.py", "--data_dir", args.data_dir, *row.before, "--overwrite"],
+                    ROOT / RUNS / f"{pretrained.parent.name}.log")
+            try:
+                keep(results, run_row(row, seed, args.data_dir))
+            except subprocess.CalledProcessError:
+                print(f"{row.name} seed {seed} failed: see {row.log(seed)}")
+                failed.add((row.name, seed))
+                continue
+            write_table(results)
+            if row != ROWS[0]:  # the baseline's checkpoints stay for the ensemble; the others only cost disk
+                for task in row.parts():
+                    shutil.rmtree(ROOT / row.folder(seed, task) / "checkpoints", ignore_errors=True)
         finished_runs = {(r["row"], r["seed"]) for r in results}
         if ENSEMBLE not in {r["row"] for r in results} and all((ROWS[0].name, s) in finished_runs for s in SEEDS):
             keep(results, run_ensemble(args.data_dir))

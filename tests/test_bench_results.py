@@ -117,7 +117,7 @@ def test_the_longer_budget_is_tested_against_its_own_summed_row_and_scored_from_
         "PCGrad, one pass", [0.80, 0.80, 0.82])  # above the table's summed, not above its own budget's
     results.write_table(table)
     text = (tmp_path / "RESULTS.md").read_text()
-    assert results.rows_of("one pass")[0].name == "summed, one pass"
+    assert results.rows_of("one pass", {})[0].name == "summed, one pass"
     assert "| PCGrad, one pass | 0.0001 | " + "0.500 ± 0.000 | " * 3 + "0.807 ± 0.012 |" in text  # no *
     heading = "### What helps: a longer budget: one pass over the largest training set"
     section = dict(line[2:].split(": ", 1) for line in text.split(heading)[1].split("## ")[0].splitlines()
@@ -191,3 +191,34 @@ def test_a_table_of_sts_alone_shows_only_its_metrics(tmp_path, monkeypatch):
     assert "| STS alone, cross-encoder | 0.0001 | — | — | 0.870 ± 0.010 * | 0.935 ± 0.005 * |" in text
     section = text.split("### What helps: cross- against bi-encoding on sts alone")[1].split("\n## ")[0]
     assert "- Better overall: STS alone, cross-encoder (0.935)." in section
+
+
+def test_the_one_pass_table_picks_its_last_rows_from_the_first_tables_figures(tmp_path, monkeypatch):
+    """The two best aggregators or weightings and the best recipe join the one-pass table (and the queue, after the
+    rows before them) once every candidate has all its seeds; until then the table names what is still to pick."""
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    monkeypatch.setattr(results, "OUT", tmp_path)
+    candidates = [r for r in results.ROWS if r.budget == "standard" and r.family in ("gradient aggregation",
+                                                                                     "task weighting")]
+    overall = {r.name: 0.70 + 0.001 * i for i, r in enumerate(candidates)}
+    overall.update({"UW": 0.76, "CAGrad": 0.75, "Nash-MTL": 0.74})  # UW, then CAGrad: the two best
+    table = [dict(stored(name, s), overall=o) for name, o in overall.items() for s in results.SEEDS]
+    del table[-1]  # the last candidate's third seed is missing: nothing is picked yet
+    assert results.picked_rows(results.group(table, "row")) == ([], [what for what, _, _ in results.PICKS])
+    results.write_table(table)
+    assert ("| | the two best aggregators or loss weightings, one pass | | pending: picked by overall mean when the "
+            "first table has all their seeds |") in (tmp_path / "RESULTS.md").read_text()
+
+    table.append(dict(stored(candidates[-1].name, results.SEEDS[-1]), overall=overall[candidates[-1].name]))
+    picked, waiting = results.picked_rows(results.group(table, "row"))
+    assert [r.name for r in picked] == ["UW, one pass", "CAGrad, one pass"] and waiting == ["the best headline recipe"]
+    assert picked[1].flags == ("--aggregator", "cagrad") and (picked[1].budget, picked[1].epochs) == ("one pass", 3)
+    assert "--epochs 3 --steps_per_epoch 236" in picked[1].command_text("../shared/data", 11711)
+    results.write_table(table)
+    text = (tmp_path / "RESULTS.md").read_text().split("## A longer budget")[1].split("\n## ")[0]
+    assert "| task weighting | UW, one pass | 0.0001 | pending |" in text
+    assert "the two best aggregators" not in text and "the best headline recipe, one pass" in text
+    queue = [results.next_to_run(table, [key], set()) for key in ("UW-one_pass", "PALs_pal-one_pass")]
+    assert [(row.name, seed) for row, seed in queue] == [("UW, one pass", 11711), ("PALs pal, one pass", 11711)]
+    results.check_commands(table + [dict(stored("summed"), row="UW, one pass",
+                                         command=picked[0].command_text("../shared/data", 11711))])
