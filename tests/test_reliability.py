@@ -168,9 +168,13 @@ def test_sigterm_saves_the_step_it_stands_at_and_resume_is_bit_identical(referen
     assert last_line(stopped) == (f"stopped by SIGTERM after step 5; its checkpoint is {run}/last; continue with: "
                                   f"python train.py ... --output_dir {run} --resume")
     assert json.loads((run / "checkpoint.json").read_text())["step"] == 5
+    stood = json.loads((run / "last" / "train_state.json").read_text())["progress"]
+    assert stood["seconds_since_eval"] > 0 and stood["tokens_since_eval"] > 0  # steps 4 and 5, since epoch 1's end
     train.main(args + ["--resume"])
     assert_same_weights(weights(reference), weights(run))
-    assert metrics_lines(run) == metrics_lines(reference)
+    assert metrics_lines(run) == metrics_lines(reference)  # train_tokens too: epoch 2's count steps 4 and 5
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["train_seconds"] >= stood[
+        "seconds_since_eval"]
     # before the loop there is no step to save: SIGTERM stops at once
     early = script("fault_run.py", "minbert.training.train:load_data", 1, "sigterm-before", *run_args(
         tiny_model_dir, tiny_data_dir, tmp_path / "early"))

@@ -2,6 +2,7 @@
 moments, RNG states, the methods' tensors) and train_state.json (counters, LR schedule, data positions, metrics)."""
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,28 @@ class Progress:
     history: list[dict] = field(default_factory=list)  # metrics.jsonl, one record per evaluation
     stale_evaluations: int = 0  # evaluations in a row without a gain over the best (--early_stopping_patience)
     stopped: str = ""  # why the run stopped before its last epoch (early stopping), else ""
+    seconds_since_eval: float = 0.0  # training seconds and tokens since the last evaluation when the set was saved:
+    tokens_since_eval: int = 0  # a resumed run's next metrics.jsonl record counts them with its own
 
     def is_better(self, score: float, lower: bool = False, by: float = 0.0) -> bool:
         """Whether `score` beats the best so far by more than `by` (higher is better, or lower when `lower`)."""
         return self.best_score is None or (score < self.best_score - by if lower else score > self.best_score + by)
+
+
+@dataclass
+class Window:
+    """Training seconds and tokens since the last evaluation (what metrics.jsonl reports as speed), `earlier` of them
+    in the process before a resume."""
+
+    tokens: int = 0
+    earlier: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.started
+
+    def restart(self) -> None:
+        self.tokens, self.earlier, self.started = 0, 0.0, time.perf_counter()
 
 
 @dataclass
@@ -45,6 +64,7 @@ class TrainState:
     progress: Progress
     data: dict
     saved_step: int = 0  # the last step committed as a set (step 0, before training, needs none); not saved
+    window: Window = field(default_factory=Window)  # not saved: its figures go into progress at each set
 
     def save(self, folder: Path, rng: list[dict] | None = None) -> None:
         """train_state.safetensors and train_state.json; `rng` is every rank's `rng_states()` in rank order (each

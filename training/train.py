@@ -10,9 +10,7 @@ too; their code is in training/mlm.py and training/sweep.py. From Python: train(
 """
 import hashlib
 import sys
-import time
 from contextlib import suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from minbert.training.evaluation import dev_scores, evaluate, lower_is_better, o
 from minbert.training.mlm import pretrain_mlm
 from minbert.training.plots import plot_training, pyplot
 from minbert.training.session import Session, Terminated
-from minbert.training.state import Progress, TrainState, rng_states
+from minbert.training.state import Progress, TrainState, Window, rng_states
 from minbert.training.step import MethodState, train_step
 from minbert.training.sweep import run_sweep
 
@@ -118,6 +116,8 @@ def save(session: Session, model: MultitaskBert, state: TrainState, record: dict
     Returns whether it became `best` (the best --best_metric yet)."""
     p, metric, ranks = state.progress, session.cfg.loop.best_metric, session.rt.ranks
     rng, is_best = ranks.gather(rng_states()), False
+    since_eval = (0.0, 0) if record is not None else (round(state.window.seconds(), 1), state.window.tokens)
+    p.seconds_since_eval, p.tokens_since_eval = since_eval  # an evaluation's record has counted them
     with ranks.together():  # a full disk on rank 0 stops every rank
         if session.run:
             is_best = record is not None and p.is_better(record[metric], lower_is_better(metric))
@@ -132,24 +132,13 @@ def save(session: Session, model: MultitaskBert, state: TrainState, record: dict
     return is_best
 
 
-@dataclass
-class Window:
-    """Training seconds and tokens since the last evaluation (what metrics.jsonl reports as speed)."""
-
-    tokens: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def restart(self) -> None:
-        self.tokens, self.started = 0, time.perf_counter()
-
-
 def evaluate_and_save(session: Session, model: MultitaskBert, dev: dict, train_sample: dict, state: TrainState,
-                      window: Window, epoch_end: dict | None = None) -> None:
+                      epoch_end: dict | None = None) -> None:
     """Dev evaluation at the current step (and of the --eval_train samples: train_* metrics), its metrics.jsonl
-    record (with the training seconds and tokens/s since the last evaluation, and `epoch_end` facts), and a
-    checkpoint set; then the window restarts."""
-    p, methods, record = state.progress, state.methods, None
-    seconds = time.perf_counter() - window.started
+    record (with the training seconds, tokens and tokens/s since the last evaluation, those before a resume
+    included, and `epoch_end` facts), and a checkpoint set; then the window restarts."""
+    p, methods, record, window = state.progress, state.methods, None, state.window
+    seconds = window.seconds()
     with session.rt.ranks.together():
         if session.run:  # rank 0 evaluates
             metrics, _ = evaluate(model, dev, session.cfg.loop.eval_batch_size, session.rt.precision)
@@ -157,8 +146,8 @@ def evaluate_and_save(session: Session, model: MultitaskBert, dev: dict, train_s
                 fit, _ = evaluate(model, train_sample, session.cfg.loop.eval_batch_size, session.rt.precision)
                 metrics.update({f"train_{k}": v for k, v in fit.items()})
             record = {"epoch": p.epoch, "step": p.global_step, **metrics, "train_seconds": round(seconds, 1),
-                      "train_tokens_per_s": round(window.tokens / seconds), **(epoch_end or {}),
-                      **methods.log(session.cfg.tasks),
+                      "train_tokens": window.tokens, "train_tokens_per_s": round(window.tokens / seconds),
+                      **(epoch_end or {}), **methods.log(session.cfg.tasks),
                       **({"loss_scale": methods.scaler.scale_value, "skipped_steps": methods.scaler.skipped}
                          if methods.scaler.enabled else {})}
     if record is not None:
@@ -208,7 +197,7 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
     cfg, rt, p = session.cfg, session.rt, state.progress
     bar = tqdm(range(p.step, steps), desc=f"epoch {epoch + 1}/{cfg.loop.epochs}", initial=p.step, total=steps,
                dynamic_ncols=True, disable=rt.ranks.rank > 0)
-    window = Window()
+    window = state.window = Window(p.tokens_since_eval, p.seconds_since_eval)  # a resumed run's go on
     for step in bar:
         if rt.ranks.any(session.term.requested):
             stop_on_sigterm(session, model, state)
@@ -225,7 +214,7 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
         window.tokens += result.tokens
         p.step, p.global_step = step + 1, p.global_step + 1
         bar.set_postfix(progress_fields(result, state.methods, cfg.tasks,
-                                        window.tokens / (time.perf_counter() - window.started)))
+                                        window.tokens / window.seconds()))
         if session.run:
             groups = [g for g in state.optimizer.param_groups if "name" not in g]  # the model's: not the weighting's
             record = {"step": p.global_step, "epoch": epoch + 1, "lr": groups[0]["lr"], "head_lr": groups[-1]["lr"],
@@ -236,7 +225,7 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
                 p.global_step, "train")
         if p.step < steps:  # the end of the epoch evaluates and saves anyway
             if cfg.loop.eval_every and p.global_step % cfg.loop.eval_every == 0:
-                evaluate_and_save(session, model, dev, train_sample, state, window)
+                evaluate_and_save(session, model, dev, train_sample, state)
                 if p.stopped:
                     bar.close()
                     return
@@ -247,7 +236,7 @@ def train_epoch(session: Session, model: MultitaskBert, epoch: int, plan: list[s
     if state.methods.weighting is not None:
         state.methods.weighting.step()  # DWA's per-epoch update
     per_task = {t: sum(plan[s % len(plan)] == t for s in range(steps)) if plan else steps for t in cfg.tasks}
-    evaluate_and_save(session, model, dev, train_sample, state, window, {"steps_per_task": per_task})
+    evaluate_and_save(session, model, dev, train_sample, state, {"steps_per_task": per_task})
 
 
 def resume(session: Session, model: MultitaskBert, state: TrainState) -> None:
