@@ -540,7 +540,9 @@ def write_table(results: list[dict]) -> None:
         f"Each row is {len(SEEDS)} seeds ({', '.join(map(str, SEEDS))}): mean ± standard deviation. "
         "`*` marks a difference from the summed baseline with p < 0.05 in Welch's t-test (scipy). Training time is "
         "the training loop's seconds per run on 2 CPU cores (mean), without loading and evaluation; the runs were "
-        "spread over sessions on machines up to about 2.4× apart in speed, so it compares rows only roughly. The "
+        "spread over sessions on machines up to about 2.4× apart in speed, and some shared the CPU with a test suite "
+        "(up to 4× slower), so it compares rows only roughly: BENCHMARKS.md times every aggregator and weighting per "
+        "step side by side. Since 2026-12-01 a run stopped and resumed counts its seconds before the stop too. The "
         "command reproduces seed 11711; every other option is train.py's default (lr 1e-4 constant, head lr 1e-3, "
         "hidden dropout 0, mean pooling, summed losses). `python bench/results.py --data_dir ../shared/data` runs "
         "the whole table, resuming where it stopped.",
