@@ -123,6 +123,8 @@ def test_the_longer_budget_is_tested_against_its_own_summed_row_and_scored_from_
     section = dict(line[2:].split(": ", 1) for line in text.split(heading)[1].split("## ")[0].splitlines()
                    if line.startswith("- "))
     assert section["No different overall"] == "PCGrad, one pass (0.807)."
+    assert section["Overall 0.760 or more, the goal of this budget"] == (
+        "summed, one pass (0.810), PCGrad, one pass (0.807) (so far: 2 rows complete).")
     (tmp_path / "train_config.json").write_text(json.dumps({"loop": {"epochs": 3}}))
     records = [{"epoch": e, "overall": o, "train_seconds": 1.0} for e, o in ((1, 0.70), (2, 0.75), (3, 0.74))]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
