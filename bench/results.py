@@ -503,6 +503,42 @@ def what_helps(by_row: dict[str, list[dict]], budget: str = "standard", heading:
     return lines + [""]
 
 
+def budget_section(by_row: dict[str, list[dict]]) -> list[str]:
+    """The flags run at both the first table's budget and one pass, side by side: overall at each, and its
+    difference from that budget's summed row (`*`: the same Welch test), so what changes with the budget shows."""
+    tables = ("standard", "one pass")
+    baselines = [rows_of(budget, by_row)[0] for budget in tables]
+    first = {}  # the first table's row of each set of flags (the single-task row has the summed row's: not it)
+    for r in rows_of("standard", by_row):
+        if not r.single_task:
+            first.setdefault(r.flags, r)
+
+    def figure(row: Row | None, baseline: Row) -> str:
+        runs, base = by_row.get(row.name if row else "", []), by_row.get(baseline.name, [])
+        if row is None:
+            return "not run"
+        if len(runs) < len(SEEDS) or len(base) < len(SEEDS):
+            return "pending"
+        values = [r["overall"] for r in runs]
+        if row == baseline:
+            return f"{statistics.mean(values):.3f}"
+        base_values = [r["overall"] for r in base]
+        difference = statistics.mean(values) - statistics.mean(base_values)
+        return f"{statistics.mean(values):.3f} ({difference:+.3f}{' *' if direction(values, base_values) else ''})"
+
+    lines = ["## What changes with the budget", "",
+             f"The flags run at both budgets: overall at {BUDGETS['standard']:,} training examples (the first table, "
+             f"scored after the last step) and at {BUDGETS['one pass']:,} (one pass, scored from `best/`), each with "
+             "its difference from the summed row of its own budget in brackets; `*` marks p < 0.05 in Welch's "
+             "t-test, as in the tables.", "",
+             f"| flags | {BUDGETS['standard']:,} examples | {BUDGETS['one pass']:,} examples (one pass) |", "|---|---|---|"]
+    for row in rows_of("one pass", by_row):
+        flags = f"`{' '.join(row.flags)}`" if row.flags else "none (summed)"
+        cells = [figure(r, base) for r, base in zip((first.get(row.flags), row), baselines)]
+        lines.append(f"| {flags} | {' | '.join(cells)} |")
+    return lines + [""]
+
+
 def table_rows(by_row: dict[str, list[dict]], budget: str) -> list[str]:
     """The markdown rows of one budget's table: mean ± std per metric, * against its summed baseline."""
     baseline = rows_of(budget, by_row)[0]
@@ -572,6 +608,7 @@ def write_table(results: list[dict]) -> None:
         lines += [f"## {heading}", "", f"{text}; scored from `best/` (the evaluation with the highest dev overall, as "
                   "the CS224N projects report). `*` is against this table's first row.", "", HEADER, RULE,
                   *table_rows(by_row, budget), "", *what_helps(by_row, budget, f"### What helps: {heading.lower()}")]
+    lines += budget_section(by_row)
     (ROOT / "RESULTS.md").write_text("\n".join(lines + claims_section(by_row) + defaults_section()))
 
 

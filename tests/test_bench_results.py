@@ -115,6 +115,11 @@ def test_the_longer_budget_is_tested_against_its_own_summed_row_and_scored_from_
         return [dict(stored(name, s), overall=o) for s, o in zip(results.SEEDS, overall)]
     table = runs("summed", [0.70, 0.71, 0.72]) + runs("summed, one pass", [0.80, 0.81, 0.82]) + runs(
         "PCGrad, one pass", [0.80, 0.80, 0.82])  # above the table's summed, not above its own budget's
+    results.write_table(table + runs("PCGrad", [0.80, 0.81, 0.82]))
+    budgets = (tmp_path / "RESULTS.md").read_text().split("## What changes with the budget")[1].split("\n## ")[0]
+    assert "| none (summed) | 0.710 | 0.810 |" in budgets  # the same flags at both budgets, side by side
+    assert "| `--pcgrad` | 0.810 (+0.100 *) | 0.807 (-0.003) |" in budgets  # a gain at one budget, none at the other
+    assert "| `--hidden_dropout_prob 0.1` | not run | pending |" in budgets
     results.write_table(table)
     text = (tmp_path / "RESULTS.md").read_text()
     assert results.rows_of("one pass", {})[0].name == "summed, one pass"
