@@ -1,5 +1,6 @@
-"""The results table (RESULTS.md): every method family on the embedded MiniLM at one fixed budget of training
-examples, 3 seeds each, mean ± std per task and overall, training time, and the command that reproduces each row.
+"""The results tables (RESULTS.md): every method family on the embedded MiniLM at one fixed budget of training
+examples, then tables at longer budgets (one pass over the largest training set, ...), 3 seeds each, mean ± std per
+task and overall, training time and the command that reproduces each row; the CS224N reports' claims against them.
 
     nohup python bench/results.py --data_dir ../shared/data > results.log 2>&1 &     # runs what is missing, resumable
     python bench/results.py --data_dir ../shared/data --table                        # rewrite RESULTS.md only
