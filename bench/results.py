@@ -515,9 +515,9 @@ def budget_section(by_row: dict[str, list[dict]]) -> list[str]:
             first.setdefault(r.flags, r)
 
     def figure(row: Row | None, baseline: Row) -> str:
-        runs, base = by_row.get(row.name if row else "", []), by_row.get(baseline.name, [])
         if row is None:
             return "not run"
+        runs, base = by_row.get(row.name, []), by_row.get(baseline.name, [])
         if len(runs) < len(SEEDS) or len(base) < len(SEEDS):
             return "pending"
         values = [r["overall"] for r in runs]
