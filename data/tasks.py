@@ -83,8 +83,22 @@ OBJECTIVES = {o.name: o for o in (
 )}
 
 
+class KindFacts:
+    """What a task's kind says, for a Task and for a task-file entry being checked (each has `kind`)."""
+
+    kind: str
+
+    @property
+    def is_regression(self) -> bool:
+        return self.kind.endswith("regression")
+
+    @property
+    def is_pair(self) -> bool:
+        return self.kind.startswith("pair_")
+
+
 @dataclass(frozen=True)
-class Task:
+class Task(KindFacts):
     """One task, as its task-file entry describes it (see the fields' comments; docs/tasks.md)."""
 
     name: str
@@ -103,14 +117,6 @@ class Task:
     smart_divergence: str | None = None  # default: the loss's (optim/smart.py)
     prediction_file: str = "{name}-{split}-output.csv"
     prediction_header: str = "Predicted_Label"
-
-    @property
-    def is_regression(self) -> bool:
-        return self.kind.endswith("regression")
-
-    @property
-    def is_pair(self) -> bool:
-        return self.kind.startswith("pair_")
 
     @property
     def num_classes(self) -> int | None:
@@ -237,7 +243,7 @@ class Task:
         return task
 
 
-class TaskEntry:
+class TaskEntry(KindFacts):
     """The checks of one task-file entry, each raising a ConfigError that names the file, the task and the field."""
 
     def __init__(self, where: str, entry):
@@ -248,14 +254,6 @@ class TaskEntry:
     @property
     def kind(self) -> str:
         return self.entry["kind"]
-
-    @property
-    def regression(self) -> bool:
-        return self.kind.endswith("regression")
-
-    @property
-    def pair(self) -> bool:
-        return self.kind.startswith("pair_")
 
     def fail(self, message: str) -> None:
         raise ConfigError(f"{self.where}: {message}")
@@ -287,7 +285,7 @@ class TaskEntry:
                       '--data_dir, e.g. {"train": "nli-train.tsv", "dev": "nli-dev.tsv"}')
         self.check("files", set(files) <= set(SPLITS) and all(isinstance(v, str) and v for v in files.values()),
                    f"an object with keys among {', '.join(SPLITS)} and file names as values")
-        n_texts = 2 if self.pair else 1
+        n_texts = 2 if self.is_pair else 1
         if "text_columns" not in e:
             self.fail(f"field 'text_columns' is missing: name the {n_texts} column(s) that hold the text")
         self.check("text_columns", self.strings(e["text_columns"]) and len(e["text_columns"]) == n_texts,
@@ -302,7 +300,7 @@ class TaskEntry:
     def labels(self) -> dict:
         """A regression's range, or a classification's num_labels or label_map (a comma-separated one split)."""
         e = self.entry
-        if self.regression:
+        if self.is_regression:
             for key in ("num_labels", "label_map"):
                 self.check(key, False, f"absent: a {self.kind} task has a range, not labels")
             if "range" not in e:
@@ -326,10 +324,10 @@ class TaskEntry:
 
     def fits(self, task: Task) -> None:
         """Metrics, loss and SMART divergence fit the task they describe."""
-        allowed = METRICS["regression" if self.regression else "classification"]
+        allowed = METRICS["regression" if self.is_regression else "classification"]
         metrics = self.entry.get("metrics")
         self.check("metrics", self.strings(metrics) and metrics and all(m in allowed for m in metrics) and (
-            self.regression or task.num_classes == 2 or "f1" not in metrics) and metrics[0] != "mse",
+            self.is_regression or task.num_classes == 2 or "f1" not in metrics) and metrics[0] != "mse",
             f"a list of metrics among {', '.join(allowed)} (f1 only with two labels; the first, which enters "
             "overall, not mse)")
         if "loss" in self.entry:

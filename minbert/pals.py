@@ -47,9 +47,11 @@ class PALsConfig(DictConfig):
             raise ValueError("PALsConfig: share_attention needs PAL layers (kind 'pal' or 'mixed'), got 'lowrank'")
         if (self.dim is not None and self.dim <= 0) or self.num_heads <= 0:
             raise ValueError(f"PALsConfig: dim and num_heads must be positive, got {self.dim} and {self.num_heads}")
-        if self.kind != "lowrank" and (self.dim or DEFAULT_DIM["pal"]) % self.num_heads:
-            raise ValueError(f"PALsConfig: the PAL attention splits d_s = {self.dim} into num_heads = "
-                             f"{self.num_heads} heads: choose a multiple of {self.num_heads} (e.g. {self.num_heads * 17})")
+        pal_dim = self.dim or DEFAULT_DIM["pal"]
+        if self.kind != "lowrank" and pal_dim % self.num_heads:
+            raise ValueError(f"PALsConfig: the PAL attention splits d_s = {pal_dim} into num_heads = "
+                             f"{self.num_heads} heads: choose a multiple of {self.num_heads} (e.g. "
+                             f"{max(1, round(pal_dim / self.num_heads)) * self.num_heads})")
 
     def layer_plan(self, num_layers: int) -> list[tuple[str, int]]:
         """(kind, d_s) of each layer's TS: 'pal' or 'lowrank'."""
