@@ -484,6 +484,8 @@ def what_helps(by_row: dict[str, list[dict]], budget: str = "standard", heading:
              for n in rows if sign[n]["overall"] <= 0}
     one_task = "; ".join(f"{n} ({', '.join(g)})" for n, g in gains.items() if g) or "none"
     best = max(rows, key=lambda n: mean[n]["overall"])
+    per_seed = {n: {r["seed"]: [r[m] for m in metrics] for r in by_row[n]} for n in [baseline.name, *rows]}
+    same = [n for n in rows if per_seed[n] == per_seed[baseline.name]]
     lines = [heading, "",
              f"Read from the table above with the same test as its `*` (Welch's t-test against summed, p < 0.05, "
              f"{len(SEEDS)} seeds); summed scores {summed['overall']:.3f} overall. Figures in brackets are "
@@ -492,6 +494,8 @@ def what_helps(by_row: dict[str, list[dict]], budget: str = "standard", heading:
              f"- Better overall: {listed(overall[1])}.",
              f"- Better on a task, not overall: {one_task}.",
              f"- No different overall: {listed(overall[0])}.",
+             *([f"- Scored exactly as summed at every seed, every metric to the last digit: {', '.join(same)}."]
+               if same else []),
              f"- Worse overall: {listed(overall[-1])}.",
              f"- Highest overall mean of a single model: {best} ({mean[best]['overall']:.3f})."]
     if budget in GOALS:

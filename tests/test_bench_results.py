@@ -107,6 +107,23 @@ def test_what_helps_sorts_rows_by_the_same_test_as_the_stars(tmp_path, monkeypat
     assert "| PCGrad | 0.0001 | 0.810 ± 0.010 * |" in text  # the same test marks the table
 
 
+def test_a_row_that_scores_as_summed_to_the_last_digit_at_every_seed_is_named(tmp_path, monkeypatch):
+    """Equal per-seed metrics are named; the same values under other seeds, or one metric off by 1e-12, are not."""
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    monkeypatch.setattr(results, "OUT", tmp_path)
+
+    def runs(name, overall, seeds=results.SEEDS, sts=0.5):
+        return [dict(stored(name, s), overall=o, sts_pearson=sts) for s, o in zip(seeds, overall)]
+    base = [0.70, 0.71, 0.72]
+    table = (runs("summed", base) + runs("DualProj", base) + runs("GradVac", base, seeds=results.SEEDS[::-1])
+             + runs("UW", base, sts=0.5 + 1e-12))
+    results.write_table(table)
+    helps = (tmp_path / "RESULTS.md").read_text().split("## What helps")[1].split("\n## ")[0]
+    assert "- Scored exactly as summed at every seed, every metric to the last digit: DualProj.\n" in helps
+    results.write_table(runs("summed", base) + runs("UW", base, sts=0.5 + 1e-12))
+    assert "exactly as summed" not in (tmp_path / "RESULTS.md").read_text()
+
+
 def test_the_longer_budget_is_tested_against_its_own_summed_row_and_scored_from_best(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "ROOT", tmp_path)
     monkeypatch.setattr(results, "OUT", tmp_path)
