@@ -536,7 +536,8 @@ def budget_section(by_row: dict[str, list[dict]]) -> list[str]:
              f"scored after the last step) and at {BUDGETS['one pass']:,} (one pass, scored from `best/`), each with "
              "its difference from the summed row of its own budget in brackets; `*` marks p < 0.05 in Welch's "
              "t-test, as in the tables.", "",
-             f"| flags | {BUDGETS['standard']:,} examples | {BUDGETS['one pass']:,} examples (one pass) |", "|---|---|---|"]
+             f"| flags | {BUDGETS['standard']:,} examples | {BUDGETS['one pass']:,} examples (one pass) |",
+             "|---|---|---|"]
     for row in rows_of("one pass", by_row):
         flags = f"`{' '.join(row.flags)}`" if row.flags else "none (summed)"
         cells = [figure(r, base) for r, base in zip((first.get(row.flags), row), baselines)]
