@@ -61,7 +61,7 @@ def test_pair_heads_by_hand():
 def test_mlp_heads_by_hand():
     u, v = torch.randn(4, 8), torch.randn(4, 8)
     h = head("features:6,3:gelu")
-    (l1, a1), (l2, a2) = h.mlp[0:2], h.mlp[2:4]
+    (l1, _), (l2, _) = h.mlp[0:2], h.mlp[2:4]
     assert [l1.in_features, l1.out_features, l2.out_features, h.out.in_features] == [32, 6, 3, 3]
     x = torch.cat([u, v, (u - v).abs(), u * v], -1)
     gelu = lambda t: 0.5 * t * (1 + torch.erf(t / 2 ** 0.5))  # noqa: E731

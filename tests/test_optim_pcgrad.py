@@ -1,5 +1,4 @@
 """PCGrad (Yu et al. 2020, Alg. 1) on hand-derived cases and against a direct implementation."""
-import pytest
 import torch
 
 from minbert.optim import pcgrad
