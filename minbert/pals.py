@@ -47,17 +47,21 @@ class PALsConfig(DictConfig):
             raise ValueError("PALsConfig: share_attention needs PAL layers (kind 'pal' or 'mixed'), got 'lowrank'")
         if (self.dim is not None and self.dim <= 0) or self.num_heads <= 0:
             raise ValueError(f"PALsConfig: dim and num_heads must be positive, got {self.dim} and {self.num_heads}")
-        pal_dim = self.dim or DEFAULT_DIM["pal"]
+        pal_dim = self.d_s("pal")
         if self.kind != "lowrank" and pal_dim % self.num_heads:
             raise ValueError(f"PALsConfig: the PAL attention splits d_s = {pal_dim} into num_heads = "
                              f"{self.num_heads} heads: choose a multiple of {self.num_heads} (e.g. "
                              f"{max(1, round(pal_dim / self.num_heads)) * self.num_heads})")
 
+    def d_s(self, kind: str) -> int:
+        """The bottleneck width of a `kind` ('pal' or 'lowrank') layer: `dim`, or the paper's default for the kind."""
+        return self.dim or DEFAULT_DIM[kind]
+
     def layer_plan(self, num_layers: int) -> list[tuple[str, int]]:
         """(kind, d_s) of each layer's TS: 'pal' or 'lowrank'."""
         kinds = ["pal" if self.kind == "pal" or (self.kind == "mixed" and i < num_layers // 2) else "lowrank"
                  for i in range(num_layers)]
-        return [(k, self.dim or DEFAULT_DIM[k]) for k in kinds]
+        return [(k, self.d_s(k)) for k in kinds]
 
 
 class TaskPALs(nn.Module):
