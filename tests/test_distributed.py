@@ -123,3 +123,18 @@ def test_an_error_on_rank_0_stops_every_rank_with_one_message(two_rank_reference
     assert len(our_lines(job)) == 1 and re.match(message, our_lines(job)[0]), job.stderr[-3000:]
     assert re.search(rf"exitcode\s*: {code} ", job.stderr)  # torchrun's report of the ranks' exit codes
     assert "[rank" not in job.stderr  # no rank died of an uncaught exception (torchrun prefixes their tracebacks)
+
+
+@pytest.mark.parametrize("target", ["minbert.training.distributed:GradientAllReduce.close",  # as it leaves the job
+                                    "minbert.training.train:env_rank"])  # after the session, as it prints
+def test_a_sigterm_after_an_error_does_not_hide_its_message(two_rank_reference, tiny_model_dir, tiny_data_dir,
+                                                            tmp_path, target):
+    """torchrun SIGTERMs the ranks that are left when one stops: a rank already stopping with an error still prints
+    it (here rank 0 gets the SIGTERM after an error on every rank; before the fix it died silently, exit code -15)."""
+    run = tmp_path / "run"
+    shutil.copytree(two_rank_reference, run, symlinks=True)
+    args = [*run_args(tiny_model_dir, tiny_data_dir, run, "--save_every", "2"), "--resume", "--lr", "1e-4"]
+    job = torchrun("tests/fault_run.py", [target, 1, "sigterm-before", *args], tmp_path, {"FAULT_RANK": "0"})
+    assert job.returncode != 0 and job.seconds < 90, job.stderr[-3000:]
+    assert len(our_lines(job)) == 1 and our_lines(job)[0].startswith(
+        "train.py: error: --resume with options that change the run: --lr 0.0001"), job.stderr[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,23 +34,41 @@ class Terminated(BaseException):
 class TermSignal:
     """SIGTERM while a session is open. Outside the training loop it stops at once (Terminated); inside it
     (`deferred`), the first one only sets `requested`, so the loop can save the step it is in, and a second one
-    stops at once."""
+    stops at once. While a session closes after an error (`stopping`) it only sets `requested`: the error is what the
+    run reports (torchrun SIGTERMs the ranks that are left when one stops)."""
+
+    reporting = False  # set by `report_stops_first`: a failed session leaves SIGTERM ignored, not restored
 
     def __init__(self):
-        self.requested, self.deferred, self._previous = False, False, None
+        self.requested, self.deferred, self.stopping, self._previous = False, False, False, None
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.deferred and not self.requested:
+        if self.stopping or (self.deferred and not self.requested):
             self.requested = True
             return
         raise Terminated("stopped by SIGTERM")
 
     def restore(self) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if self.stopping and self.reporting else self._previous)
             self._previous = None
+
+
+@contextmanager
+def report_stops_first():
+    """For a command line: once a session fails, SIGTERM is ignored until the block ends (after the error is
+    printed), then the handler from before the block comes back; else a SIGTERM there ends the process silently."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before, TermSignal.reporting = signal.getsignal(signal.SIGTERM), True
+    try:
+        yield
+    finally:
+        TermSignal.reporting = False
+        signal.signal(signal.SIGTERM, before)
 
 
 @dataclass
@@ -100,14 +119,15 @@ class Session:
             self.run.log(message, echo)
 
     def close(self, failed: bool = False) -> None:
-        """Leave the torchrun job (at once when `failed`), release the run folder and SIGTERM."""
-        self.term.restore()
-        self.tracker.close()
-        try:
-            self.rt.ranks.close(failed)
-        finally:
+        """Leave the torchrun job (at once when `failed`), release the run folder, and last SIGTERM (until then a
+        SIGTERM cannot replace the error a failed session stops with)."""
+        self.term.stopping = failed
+        with ExitStack() as last_first:
+            last_first.callback(self.term.restore)
             if self.run is not None:
-                self.run.close()
+                last_first.callback(self.run.close)
+            self.tracker.close()
+            self.rt.ranks.close(failed)
 
     def __enter__(self) -> Session:
         return self

@@ -145,7 +145,7 @@ def evaluate_and_save(session: Session, model: MultitaskBert, dev: dict, train_s
             if train_sample:
                 fit, _ = evaluate(model, train_sample, session.cfg.loop.eval_batch_size, session.rt.precision)
                 metrics.update({f"train_{k}": v for k, v in fit.items()})
-            record = {"epoch": p.epoch, "step": p.global_step, **metrics, "train_seconds": round(seconds, 1),
+            record = {"epoch": p.epoch, "step": p.global_step, **metrics, "train_seconds": round(seconds, 3),
                       "train_tokens": window.tokens, "train_tokens_per_s": round(window.tokens / seconds),
                       **(epoch_end or {}), **methods.log(session.cfg.tasks),
                       **({"loss_scale": methods.scaler.scale_value, "skipped_steps": methods.scaler.skipped}
@@ -357,18 +357,19 @@ def main(argv: list[str] | None = None) -> dict:
         if env_rank() == 0:
             print(message, file=sys.stderr)
         raise SystemExit(code)
-    try:
-        return train(cfg)
-    except ConfigError as err:
-        stop(2, f"train.py: error: {err}")
-    except MinbertError as err:
-        stop(1, f"error: {err}")
-    except OSError as err:  # a write that fails outside minbert's own files (a full disk anywhere)
-        stop(1, f"error: {err.filename or 'a file'}: {err.strerror or err}{os_error_hint(err)}")
-    except Terminated as err:
-        stop(143, f"{err}; {again}")
-    except KeyboardInterrupt:
-        stop(130, f"interrupted; {again}")
+    with report_stops_first():  # torchrun SIGTERMs the ranks left when one stops: this one prints its message first
+        try:
+            return train(cfg)
+        except ConfigError as err:
+            stop(2, f"train.py: error: {err}")
+        except MinbertError as err:
+            stop(1, f"error: {err}")
+        except OSError as err:  # a write that fails outside minbert's own files (a full disk anywhere)
+            stop(1, f"error: {err.filename or 'a file'}: {err.strerror or err}{os_error_hint(err)}")
+        except Terminated as err:
+            stop(143, f"{err}; {again}")
+        except KeyboardInterrupt:
+            stop(130, f"interrupted; {again}")
 
 
 if __name__ == "__main__":
