@@ -25,7 +25,7 @@ from minbert.training.distributed import env_rank
 from minbert.training.evaluation import dev_scores, evaluate, lower_is_better, overall_formula
 from minbert.training.mlm import pretrain_mlm
 from minbert.training.plots import plot_training, pyplot
-from minbert.training.session import Session, Terminated
+from minbert.training.session import Session, Terminated, report_stops_first
 from minbert.training.state import Progress, TrainState, Window, rng_states
 from minbert.training.step import MethodState, train_step
 from minbert.training.sweep import run_sweep
@@ -116,7 +116,7 @@ def save(session: Session, model: MultitaskBert, state: TrainState, record: dict
     Returns whether it became `best` (the best --best_metric yet)."""
     p, metric, ranks = state.progress, session.cfg.loop.best_metric, session.rt.ranks
     rng, is_best = ranks.gather(rng_states()), False
-    since_eval = (0.0, 0) if record is not None else (round(state.window.seconds(), 1), state.window.tokens)
+    since_eval = (0.0, 0) if record is not None else (round(state.window.seconds(), 3), state.window.tokens)
     p.seconds_since_eval, p.tokens_since_eval = since_eval  # an evaluation's record has counted them
     with ranks.together():  # a full disk on rank 0 stops every rank
         if session.run:
