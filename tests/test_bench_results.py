@@ -190,7 +190,7 @@ def test_claims_name_rows_of_the_table_and_get_their_verdict_from_its_test(tmp_p
     table = (runs("summed", [0.70, 0.71, 0.72]) + runs("PCGrad", [0.80, 0.81, 0.82])  # C5: better, as claimed
              + runs("frozen encoder (C16)", [0.70, 0.72, 0.71])  # C16 claims far worse: no difference here
              + runs("cosine LR (C18)", [0.60, 0.61, 0.62])  # C18 claims no difference: worse here
-             + runs("LoRA r8 fm", [0.71, 0.70, 0.72]))  # C6: no difference, as claimed
+             + runs("LoRA r4 α8 fm as project 002 (C6)", [0.71, 0.70, 0.72]))  # C6: no difference, as claimed
     results.write_table(table)
     verdicts = {(line.split(" | ")[0][2:], line.split(" | ")[4]): line.rsplit(" | ", 1)[1].rstrip(" |")
                 for line in (tmp_path / "RESULTS.md").read_text().split("claims, tested")[1].splitlines()
@@ -198,7 +198,7 @@ def test_claims_name_rows_of_the_table_and_get_their_verdict_from_its_test(tmp_p
     assert verdicts[("C5", "PCGrad against summed")] == "holds"
     assert verdicts[("C16", "frozen encoder (C16) against summed")] == "not at this budget"
     assert verdicts[("C18", "cosine LR (C18) against summed")] == "contradicted: worse"
-    assert verdicts[("C6", "LoRA r8 fm against summed")] == "holds"
+    assert verdicts[("C6", "LoRA r4 α8 fm as project 002 (C6) against summed")] == "holds"
     assert verdicts[("C1", "summed against sts concat (C1)")] == "pending"
 
 
