@@ -479,8 +479,8 @@ def rows_of(budget: str, by_row: dict[str, list[dict]]) -> list[Row]:
 
 def what_helps(by_row: dict[str, list[dict]], budget: str = "standard", heading: str = "## What helps") -> list[str]:
     """The table of `budget` read out, with the same test as its `*` marks: rows better, no different or worse
-    than its summed baseline overall, and rows better on a task but not overall. Rows with fewer than all seeds are
-    left out."""
+    than its first row (its baseline) overall, and rows better on a task but not overall. Rows with fewer than all
+    seeds are left out."""
     baseline, *others = rows_of(budget, by_row)
     base = by_row.get(baseline.name)
     rows = [r.name for r in others if len(by_row.get(r.name, ())) == len(SEEDS)]
@@ -488,7 +488,7 @@ def what_helps(by_row: dict[str, list[dict]], budget: str = "standard", heading:
         return []
     metrics = [m for m in METRICS if m in base[0]]  # a table of a subset of the tasks has only theirs
     mean = {name: {m: statistics.mean(r[m] for r in by_row[name]) for m in metrics} for name in [baseline.name, *rows]}
-    summed = mean[baseline.name]
+    base_mean = mean[baseline.name]
     sign = {name: {m: direction([r[m] for r in by_row[name]], [b[m] for b in base]) for m in metrics} for name in rows}
     overall = {d: sorted((n for n in rows if sign[n]["overall"] == d), key=lambda n: -mean[n]["overall"])
                for d in (1, 0, -1)}
@@ -497,22 +497,22 @@ def what_helps(by_row: dict[str, list[dict]], budget: str = "standard", heading:
         return ", ".join(f"{n} ({mean[n]['overall']:.3f})" for n in names) or "none"
 
     tasks = metrics[:-1]
-    gains = {n: [f"{LABELS[m]} {mean[n][m]:.3f} against {summed[m]:.3f}" for m in tasks if sign[n][m] > 0]
+    gains = {n: [f"{LABELS[m]} {mean[n][m]:.3f} against {base_mean[m]:.3f}" for m in tasks if sign[n][m] > 0]
              for n in rows if sign[n]["overall"] <= 0}
     one_task = "; ".join(f"{n} ({', '.join(g)})" for n, g in gains.items() if g) or "none"
-    best = max(rows, key=lambda n: mean[n]["overall"])
+    best = max([baseline.name, *rows], key=lambda n: mean[n]["overall"])
     per_seed = {n: {r["seed"]: [r[m] for m in metrics] for r in by_row[n]} for n in [baseline.name, *rows]}
     same = [n for n in rows if per_seed[n] == per_seed[baseline.name]]
     lines = [heading, "",
-             f"Read from the table above with the same test as its `*` (Welch's t-test against summed, p < 0.05, "
-             f"{len(SEEDS)} seeds); summed scores {summed['overall']:.3f} overall. Figures in brackets are "
-             "overall means unless named. No different means the test found no difference at this number of seeds, "
-             "not that there is none.", "",
+             f"Read from the table above with the same test as its `*` (Welch's t-test against {baseline.name}, "
+             f"p < 0.05, {len(SEEDS)} seeds); {baseline.name} scores {base_mean['overall']:.3f} overall. Figures in "
+             "brackets are overall means unless named. No different means the test found no difference at this "
+             "number of seeds, not that there is none.", "",
              f"- Better overall: {listed(overall[1])}.",
              f"- Better on a task, not overall: {one_task}.",
              f"- No different overall: {listed(overall[0])}.",
-             *([f"- Scored exactly as summed at every seed, every metric to the last digit: {', '.join(same)}."]
-               if same else []),
+             *([f"- Scored exactly as {baseline.name} at every seed, every metric to the last digit: "
+                f"{', '.join(same)}."] if same else []),
              f"- Worse overall: {listed(overall[-1])}.",
              f"- Highest overall mean of a single model: {best} ({mean[best]['overall']:.3f})."]
     if budget in GOALS:
