@@ -59,12 +59,12 @@ def test_recipe_variants_are_their_recipes_on_mean_pooling_and_are_not_picked_as
     """Projects 002 and 003's recipes less `--pooling pooler`, all else equal; the one-pass recipe is picked among
     the reports' own recipes only."""
     named = {r.name: r for r in results.ROWS}
+    recipe_families = next(families for what, families, _ in results.PICKS if "recipe" in what)
     for n in ("002", "003"):
         recipe, variant = named[f"project {n}"], named[f"project {n}, mean pooling"]
         command = recipe.command_text("../shared/data", 11711).replace("--pooling pooler ", "")
         assert variant.command_text("../shared/data", 11711) == command.replace(f"project_{n}/",
                                                                                  f"project_{n}-mean_pooling/")
-        recipe_families = next(families for what, families, _ in results.PICKS if "recipe" in what)
         assert "--pooling" not in variant.flags and variant.family not in recipe_families
 
 
