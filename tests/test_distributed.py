@@ -2,6 +2,7 @@
 losses, PCGrad, GradNorm, SMART, the adapters (DoRA, PALs) and the other aggregators and loss weightings; a fault
 on one rank (kill -9, SIGTERM, an error, a file-size limit) stops every rank within seconds with one message, and
 --resume under torchrun is bit-identical."""
+import csv
 import json
 import os
 import re
@@ -136,3 +137,19 @@ def test_a_sigterm_after_an_error_does_not_hide_its_message(two_rank_reference, 
     assert job.returncode != 0 and job.seconds < 90, job.stderr[-3000:]
     assert len(our_lines(job)) == 1 and our_lines(job)[0].startswith(
         "train.py: error: --resume with options that change the run: --lr 0.0001"), job.stderr[-3000:]
+
+
+def test_a_sweep_under_torchrun_runs_every_seed_and_matches_one_process(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Each run of a sweep opens its own process group (the second used to reuse the first's store keys, connect to
+    closed sockets and hang); rank 0 alone writes and prints the summary."""
+    args = ["--model", tiny_model_dir, "--data_dir", tiny_data_dir, "--epochs", "1", "--steps_per_epoch", "3",
+            "--batch_size", "6", "--lr", "1e-3", "--hidden_dropout_prob", "0", "--eval_batch_size", "8", "--seeds", "2"]
+    train.main([*map(str, args), "--output_dir", str(tmp_path / "one")])
+    job = torchrun("train.py", [*args, "--output_dir", tmp_path / "two"], tmp_path)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stdout.count("| run | seeds |") == 1
+    one, two = (list(csv.DictReader((tmp_path / run / "summary.csv").open())) for run in ("one", "two"))
+    assert [r["seed"] for r in two] == ["11711", "11712"] and one[0].keys() == two[0].keys()
+    for a, b in zip(one, two):
+        for metric in list(a)[2:]:
+            assert float(b[metric]) == pytest.approx(float(a[metric]), abs=1e-4), metric

@@ -1,8 +1,11 @@
 """Data parallelism under torchrun: every rank draws the same global batch, keeps its share of the rows, and the
 gradients are averaged over the ranks by an explicit all-reduce after each backward pass. What one rank does alone
 (rank 0's files and evaluation) runs in a `together` block, so an error there stops every rank, not only one."""
+import functools
+import itertools
 import os
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,6 +22,19 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", 0)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 0
 
 
+SESSIONS = itertools.count()  # the process groups this process opened: a sweep opens one per run
+
+
+@functools.cache
+def job_store(rank: int, world: int) -> dist.Store:
+    """The torchrun job's key-value store (its agent hosts it; rank 0 does under another launcher), connected once
+    per process, under this restart's prefix as torch's env:// rendezvous does."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0)
+    return dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 @dataclass
 class GradientAllReduce:
     """The ranks of a torchrun job (gloo on CPU, NCCL on CUDA) and the collective operations training needs.
@@ -29,18 +45,22 @@ class GradientAllReduce:
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives put tensors
+    store: dist.Store | None = None  # this process group's keys in the job's store
 
     @classmethod
     def from_env(cls, device: torch.device) -> "GradientAllReduce":
         """Join the torchrun job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK ...) on this rank's GPU
-        when `device` is CUDA; a single process on `device` otherwise."""
-        if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        when `device` is CUDA; a single process on `device` otherwise. Each call opens a process group under keys of
+        its own: one reusing the last one's keys would connect to its closed sockets and wait forever."""
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if world == 1:
             return cls(device=device)
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), device)
+        store = dist.PrefixStore(f"minbert/session_{next(SESSIONS)}", job_store(rank, world))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+        return cls(rank, world, device, store)
 
     def _collective(self, what: str, call, *args, **kwargs):
         """Run one torch.distributed call; a peer that stopped (its socket closed) is a one-line RunError."""
@@ -136,4 +156,16 @@ class GradientAllReduce:
         if self.world > 1:
             if not failed:
                 self._collective("the final barrier", dist.barrier)
+                self._wait_until_all_passed_the_barrier()
             dist.destroy_process_group()
+
+    def _wait_until_all_passed_the_barrier(self, timeout_s: float = 60.0) -> None:
+        """Count the ranks out on the job's rendezvous store: a rank that closes its gloo sockets as soon as its own
+        barrier returns can cut off a slower peer still reading the barrier's last message (gloo issue 155)."""
+        self.store.add("passed_final_barrier", 1)
+        deadline = time.monotonic() + timeout_s
+        while self.store.add("passed_final_barrier", 0) < self.world:
+            if time.monotonic() > deadline:
+                raise RunError(f"rank {self.rank}: the other ranks of the torchrun job did not get through the final "
+                               f"barrier within {timeout_s:.0f} s of this one; one of them stopped: its message is above")
+            time.sleep(0.01)

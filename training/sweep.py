@@ -14,6 +14,7 @@ from minbert.checkpoint import atomic_write
 from minbert.errors import ConfigError
 
 from .config import TrainConfig, flag_value
+from .distributed import env_rank
 from .run_dir import POINTER, saved_results
 
 
@@ -54,6 +55,8 @@ def run_sweep(cfg: TrainConfig, train: Callable[[TrainConfig], dict]) -> dict:
         raise ConfigError(f"{len(taken)} run(s) of this sweep already hold results ({taken[0]} ...): add --resume to "
                           "continue the sweep, or --overwrite to start it over")
     rows = [{"run": label, "seed": seed, **train(run_cfg)} for label, seed, run_cfg in runs]
+    if env_rank() != 0:  # under torchrun: rank 0 alone scored the runs, and writes and prints their summary
+        return rows[-1]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, list(rows[0]))
     writer.writeheader()
