@@ -35,6 +35,12 @@ def free_port() -> int:
 ENCODER_WEIGHT = "bert.encoder.layer.0.output.dense.weight"
 
 
+def parity_args(model_dir, data_dir, *extra) -> list[str]:
+    """A one-epoch tiny run without dropout, so 1 and 2 processes draw the same numbers."""
+    return ["--model", str(model_dir), "--data_dir", str(data_dir), "--epochs", "1", "--steps_per_epoch", "3",
+            "--batch_size", "6", "--lr", "1e-3", "--hidden_dropout_prob", "0", "--eval_batch_size", "8", *extra]
+
+
 @pytest.mark.parametrize("extra, trained", [
     ([], ENCODER_WEIGHT), (["--pcgrad"], ENCODER_WEIGHT), (["--gradnorm"], ENCODER_WEIGHT),
     (["--smart"], ENCODER_WEIGHT), (["--pals", "pal", "--pals_dim", "12"], ENCODER_WEIGHT),
@@ -42,8 +48,7 @@ ENCODER_WEIGHT = "bert.encoder.layer.0.output.dense.weight"
     (["--aggregator", "nash_mtl"], ENCODER_WEIGHT), (["--loss_weighting", "famo"], ENCODER_WEIGHT),
     (["--loss_weighting", "uw", "--aggregator", "gradvac"], ENCODER_WEIGHT)])
 def test_two_gloo_processes_match_one(tiny_model_dir, tiny_data_dir, tmp_path, extra, trained):
-    args = ["--model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir), "--epochs", "1", "--steps_per_epoch",
-            "3", "--batch_size", "6", "--lr", "1e-3", "--hidden_dropout_prob", "0", "--eval_batch_size", "8", *extra]
+    args = parity_args(tiny_model_dir, tiny_data_dir, *extra)
     train.main(args + ["--output_dir", str(tmp_path / "one")])
     job = torchrun("train.py", args + ["--output_dir", tmp_path / "two"], cwd=tmp_path)
     assert job.returncode == 0, job.stderr[-3000:]
@@ -142,9 +147,8 @@ def test_a_sigterm_after_an_error_does_not_hide_its_message(two_rank_reference, 
 def test_a_sweep_under_torchrun_runs_every_seed_and_matches_one_process(tiny_model_dir, tiny_data_dir, tmp_path):
     """Each run of a sweep opens its own process group (the second used to reuse the first's store keys, connect to
     closed sockets and hang); rank 0 alone writes and prints the summary."""
-    args = ["--model", tiny_model_dir, "--data_dir", tiny_data_dir, "--epochs", "1", "--steps_per_epoch", "3",
-            "--batch_size", "6", "--lr", "1e-3", "--hidden_dropout_prob", "0", "--eval_batch_size", "8", "--seeds", "2"]
-    train.main([*map(str, args), "--output_dir", str(tmp_path / "one")])
+    args = parity_args(tiny_model_dir, tiny_data_dir, "--seeds", "2")
+    train.main(args + ["--output_dir", str(tmp_path / "one")])
     job = torchrun("train.py", [*args, "--output_dir", tmp_path / "two"], tmp_path)
     assert job.returncode == 0, job.stderr[-3000:]
     assert job.stdout.count("| run | seeds |") == 1
